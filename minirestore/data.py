@@ -1,0 +1,267 @@
+"""Images in and out, and the training datasets (a clean folder degraded on the fly, or clean/degraded pairs).
+
+Tensors are [3, H, W] float in [0, 1], RGB. `load_image` returns with the tensor an `info` dict that
+`save_image` uses to write the result back in the input's mode:
+
+    input                       tensor            written back as
+    RGB, CMYK, YCbCr, 1-bit     RGB               RGB (8 bit)
+    RGBA, LA, palette+alpha     RGB (alpha kept)  RGBA / LA with the input's alpha
+    L                           grey in 3 chans   L (8 bit)
+    I;16 / I (16-bit PNG)       grey / 65535      I;16 (16 bit)
+    palette without alpha       RGB               RGB (a restored image no longer fits the palette)
+
+JPEG EXIF orientation is applied on load (ImageOps.exif_transpose), so the tensor is upright and the
+output carries no orientation tag. A format that cannot hold the mode falls back to the nearest one it can
+(`FALLBACK`: a JPEG output drops alpha and 16 bits). 16-bit RGB PNGs are read by Pillow as 8-bit RGB.
+"""
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import UserError
+from .degrade import degrade, parse
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image I/O
+# ---------------------------------------------------------------------------------------------
+
+def load_image(path):
+    """Read an image file -> (tensor [3, H, W] float32 in [0, 1], info). One-line UserError if it
+    is missing or not a readable image."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # rotate JPEGs to how they are meant to be seen
+            im.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+    info = {"size": im.size, "icc_profile": im.info.get("icc_profile"), "alpha": None}
+    mode = im.mode
+    if mode == "P" and "transparency" in im.info or mode == "PA":
+        im, mode = im.convert("RGBA"), "RGBA"
+    elif mode == "P":
+        im, mode = im.convert("RGB"), "RGB"
+    if mode in ("RGBA", "LA"):
+        info["alpha"] = np.asarray(im.getchannel("A")).copy()  # uint8 [H, W], written back unchanged
+    if mode in GREY_MODES:
+        if mode in ("1", "L", "LA"):
+            grey, out_mode = np.asarray(im.convert("L"), dtype=np.float32) / 255, "LA" if mode == "LA" else "L"
+        elif mode == "F":
+            grey, out_mode = np.asarray(im, dtype=np.float32).clip(0, 1), "L"
+        else:  # 16-bit PNG opens as I;16 (or I in older Pillow): values 0..65535
+            grey, out_mode = np.asarray(im, dtype=np.float32) / 65535, "I;16"
+        x = torch.from_numpy(grey.copy()).expand(3, -1, -1).contiguous()
+    else:
+        out_mode = "RGBA" if mode == "RGBA" else "RGB"
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+        x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
+    info["mode"] = out_mode
+    return x.clamp(0, 1), info
+
+
+def to_pil(x, info=None, mode=None):
+    """A tensor [3, H, W] in [0, 1] -> PIL image in `mode` (default: the input's, from `info`; else RGB)."""
+    x = x.detach().float().clamp(0, 1).cpu()
+    mode = mode or (info or {}).get("mode", "RGB")
+    if info is not None and tuple(info["size"]) != (x.shape[-1], x.shape[-2]):
+        w, h = info["size"]
+        raise ValueError(f"image is {x.shape[-1]}x{x.shape[-2]} but the input was {w}x{h}")
+    if mode in ("L", "LA", "I;16"):
+        grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]  # ITU-R 601 luma, as PIL's RGB -> L
+        if mode == "I;16":
+            return Image.fromarray((grey * 65535).round().numpy().astype(np.uint16))
+        im = Image.fromarray((grey * 255).round().numpy().astype(np.uint8))
+    else:
+        im = Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy())  # [H, W, 3]
+    if mode in ("RGBA", "LA"):
+        alpha = (info or {}).get("alpha")
+        im.putalpha(Image.fromarray(alpha) if alpha is not None else 255)
+    return im
+
+
+# What a format cannot hold falls back to the nearest mode it can (PNG and TIFF hold them all).
+FALLBACK = {
+    "JPEG": {"RGBA": "RGB", "LA": "L", "I;16": "L"},
+    "BMP": {"LA": "RGBA", "I;16": "L"},
+    "WEBP": {"LA": "RGBA", "L": "RGB", "I;16": "RGB"},
+}
+
+
+def save_image(x, path, info=None):
+    """Write x [3, H, W] to `path` in the input's mode and size (see the module docstring), atomically:
+    a temporary file in the same folder, then os.replace, so a crash never leaves half an image."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown image extension {path.suffix!r}; use one of {', '.join(IMAGE_EXTS)}")
+    mode = (info or {}).get("mode", "RGB")
+    im = to_pil(x, info, FALLBACK.get(fmt, {}).get(mode, mode))
+    kwargs = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    if info is not None and info.get("icc_profile"):
+        kwargs["icc_profile"] = info["icc_profile"]
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            im.save(f, format=fmt, **kwargs)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def list_images(sources):
+    """Image files from a folder, a file, or a list of both: each folder's images sorted by name
+    (not recursive, hidden files skipped), in the order given. UserError when a path is missing or
+    nothing is found."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    files = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            found = sorted(p for p in src.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+            if not found:
+                raise UserError(f"{src}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})")
+            files += found
+        elif src.is_file():
+            files.append(src)
+        else:
+            raise UserError(f"{src}: no such file or folder")
+    if not files:
+        raise UserError("no input images given")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+# ---------------------------------------------------------------------------------------------
+
+def _size(resolution):
+    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+
+
+def _cover(imgs, size):
+    """Scale images (same size) up, bicubically, until they cover `size` (h, w); larger ones stay as they are."""
+    H, W = imgs[0].shape[-2:]
+    scale = max(size[0] / H, size[1] / W)
+    if scale <= 1:
+        return imgs
+    new = (max(size[0], round(H * scale)), max(size[1], round(W * scale)))
+    return [F.interpolate(x[None], size=new, mode="bicubic", antialias=False, align_corners=False)[0].clamp(0, 1)
+            for x in imgs]
+
+
+def crop(imgs, resolution, train, generator=None):
+    """The same crop of every image in `imgs` (tensors [3, H, W] of one size) -> [3, h, w] each.
+    train: a random crop and a horizontal flip half the time; otherwise the centre crop."""
+    h, w = _size(resolution)
+    imgs = _cover(imgs, (h, w))
+    H, W = imgs[0].shape[-2:]
+    if train:
+        top = int(torch.randint(0, H - h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+        flip = bool(torch.rand(1, generator=generator) < 0.5)
+    else:
+        top, left, flip = (H - h) // 2, (W - w) // 2, False
+    out = [x[:, top:top + h, left:left + w] for x in imgs]
+    return [x.flip(-1) for x in out] if flip else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: items are {"clean": [3, h, w], "degraded": [3, h, w], "name": str}
+# ---------------------------------------------------------------------------------------------
+
+class CleanFolder(torch.utils.data.Dataset):
+    """A folder of clean images, degraded on the fly with `degradation` (a name or a + mix).
+
+    train=True: random crops and flips, a fresh degradation each time (torch's global RNG, so a seeded
+    run, and DataLoader workers seeded by torch, are reproducible). train=False: the centre crop and a
+    degradation drawn from a generator seeded by (seed, index), so validation items never change.
+    """
+
+    def __init__(self, folder, degradation, resolution=512, train=True, seed=0):
+        self.files = list_images(folder)
+        self.degradation = "+".join(parse(degradation))
+        self.resolution, self.train, self.seed = resolution, train, seed
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        g = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        clean = crop([load_image(self.files[i])[0]], self.resolution, self.train, g)[0]
+        return {"clean": clean, "degraded": degrade(clean, self.degradation, g), "name": self.files[i].stem}
+
+
+class PairedFolder(torch.utils.data.Dataset):
+    """`folder/clean/` and `folder/degraded/` with images matched by file stem (as in the public
+    restoration sets). A degraded image of another size (e.g. a low-resolution input) is resized
+    bicubically to its clean partner. Both get the same crop and flip."""
+
+    def __init__(self, folder, resolution=512, train=True, seed=0):
+        folder = Path(folder)
+        for sub in ("clean", "degraded"):
+            if not (folder / sub).is_dir():
+                raise UserError(f"{folder}: a paired dataset needs the subfolders clean/ and degraded/ "
+                                f"({sub}/ is missing)")
+        clean = {p.stem: p for p in list_images(folder / "clean")}
+        degraded = {p.stem: p for p in list_images(folder / "degraded")}
+        lonely = sorted(set(clean) ^ set(degraded))
+        if lonely:
+            names = [str(clean.get(s) or degraded.get(s)) for s in lonely]
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            raise UserError(f"{folder}: {len(names)} images have no partner with the same name in the other "
+                            f"subfolder: {', '.join(names[:5])}{more}")
+        self.pairs = [(clean[s], degraded[s]) for s in sorted(clean)]
+        self.resolution, self.train, self.seed = resolution, train, seed
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        g = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        clean, degraded = (load_image(p)[0] for p in self.pairs[i])
+        if degraded.shape != clean.shape:
+            degraded = F.interpolate(degraded[None], size=clean.shape[-2:], mode="bicubic",
+                                     align_corners=False)[0].clamp(0, 1)
+        clean, degraded = crop([clean, degraded], self.resolution, self.train, g)
+        return {"clean": clean, "degraded": degraded, "name": self.pairs[i][0].stem}
+
+
+def split(dataset, val_fraction=None, val_count=None, seed=0):
+    """Hold out a validation split -> (train, val), two disjoint torch Subsets chosen by a seeded
+    permutation. The validation part reads a copy of the dataset with train=False (centre crops,
+    fixed degradations). Give val_count (images) or val_fraction (default 0.1, at least one image)."""
+    n = len(dataset)
+    if val_count is None:
+        val_count = max(1, round(n * (0.1 if val_fraction is None else val_fraction)))
+    if n < 2 or not 1 <= val_count < n:
+        raise UserError(f"cannot hold out {val_count} of {n} images for validation: "
+                        "need at least one image on each side (add images or change the validation size)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_ds = copy.copy(dataset)
+    val_ds.train = False
+    return (torch.utils.data.Subset(dataset, sorted(perm[val_count:])),
+            torch.utils.data.Subset(val_ds, sorted(perm[:val_count])))

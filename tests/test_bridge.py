@@ -1,0 +1,245 @@
+"""Bridge identities (paper.md 4 and 6): endpoints, noise level, implied velocity target, sampler exactness."""
+import math
+
+import pytest
+import torch
+
+from minirestore import UserError
+from minirestore.bridge import KINDS, Bridge, averaged
+
+SHAPE = (3, 4, 6, 5)  # [B, C, H, W] latents; the bridge is shape-agnostic
+
+
+def latents(seed=0, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    X0, Y, eps = (torch.randn(shape, generator=g) for _ in range(3))
+    return X0, Y + 0.5, eps  # Y offset so X0 and Y are clearly different
+
+
+def full(t, n=SHAPE[0]):
+    return torch.full((n,), float(t))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_matches_written_out_equation(kind):
+    X0, Y, eps = latents()
+    br = Bridge(kind, T0=0.5, sigma=0.8)
+    t = torch.tensor([0.05, 0.2, 0.45])
+    x_t = br.make_state(X0, Y, t, eps)
+    tt = t.view(-1, 1, 1, 1)
+    if kind == "ebr":
+        ref = (1 - tt) * ((1 - tt / 0.5) * X0 + (tt / 0.5) * Y) + tt * eps
+    elif kind == "naive":
+        ref = (1 - tt) * Y + tt * eps
+    else:  # Brownian bridge X0 + s (Y - X0) + b eps, scaled by 1 / (1 + b)
+        s = tt / 0.5
+        b = 0.8 * torch.sqrt(s * (1 - s))
+        ref = ((1 - s) * X0 + s * Y + b * eps) / (1 + b)
+    torch.testing.assert_close(x_t, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_endpoints():
+    X0, Y, eps = latents()
+    T0 = 0.4
+    ebr, naive, ddbm = Bridge("ebr", T0), Bridge("naive", T0), Bridge("ddbm", T0)
+    torch.testing.assert_close(ebr.make_state(X0, Y, 0.0, eps), X0)
+    torch.testing.assert_close(ebr.make_state(X0, Y, T0, eps), (1 - T0) * Y + T0 * eps)
+    torch.testing.assert_close(naive.make_state(X0, Y, 0.0, eps), Y)  # anchored at the degraded latent
+    torch.testing.assert_close(naive.make_state(X0, Y, T0, eps), (1 - T0) * Y + T0 * eps)
+    torch.testing.assert_close(ddbm.make_state(X0, Y, 0.0, eps), X0)  # pinned, noise-free at both ends
+    torch.testing.assert_close(ddbm.make_state(X0, Y, T0, eps), Y)
+    assert ddbm.model_time(0.0) == 0.0 and abs(ddbm.model_time(T0)) < 1e-12
+    assert ddbm.model_time(T0 / 2) > 0.1  # noise in between
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_noise_std_equals_model_time(kind):
+    """Analytically: B(t) = tau (the frozen model's noise level) and the signal coefficients sum to 1 - tau,
+    i.e. every state lies on the rectified-flow path. Empirically: std over eps of x_t is tau."""
+    br = Bridge(kind, T0=0.6, sigma=1.5)
+    for t in (0.01, 0.2, 0.35, 0.59):
+        a, A, B = br.coeffs(t)
+        tau = br.model_time(t)
+        assert B == pytest.approx(tau, abs=1e-12)
+        assert a + A == pytest.approx(1 - tau, abs=1e-12)
+        if kind != "ddbm":
+            assert tau == t
+    X0, Y, _ = latents(shape=(1, 1, 8, 8))
+    n = 20000
+    eps = torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    t = torch.full((n,), 0.3)
+    x_t = br.make_state(X0.expand(n, -1, -1, -1), Y.expand(n, -1, -1, -1), t, eps)
+    std = x_t.std(dim=0)
+    tau = float(br.model_time(torch.tensor(0.3)))
+    assert abs(std.mean().item() - tau) < 0.01 * tau + 1e-3
+    a, A, _ = br.coeffs(0.3)
+    se = tau / math.sqrt(n)  # standard error of the mean
+    torch.testing.assert_close(x_t.mean(dim=0), (a * X0 + A * Y)[0], atol=5 * se, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_velocity_target_recovers_x0(kind):
+    X0, Y, eps = latents()
+    br = Bridge(kind, T0=0.4)
+    t = br.sample_t(SHAPE[0], torch.Generator().manual_seed(3)).clamp(max=0.39)
+    x_t = br.make_state(X0, Y, t, eps)
+    v = br.velocity_target(x_t, t, X0)
+    torch.testing.assert_close(br.x0_from_velocity(x_t, t, v), X0, rtol=1e-5, atol=1e-5)
+    assert br.loss(br.x0_from_velocity(x_t, t, v), X0).item() < 1e-10
+    assert br.loss(br.x0_from_velocity(x_t, t, torch.zeros_like(v)), X0).item() > 1e-3
+    if kind == "ebr":  # F* = (eps - X0) + ((1 - t)/T0)(Y - X0), paper.md 4.3
+        tt = t.view(-1, 1, 1, 1)
+        torch.testing.assert_close(v, eps - X0 + (1 - tt) / 0.4 * (Y - X0), rtol=1e-4, atol=1e-4)
+    if kind == "naive":  # ordinary RF target eps - X0 plus the pull from Y to X0
+        tt = t.view(-1, 1, 1, 1)
+        torch.testing.assert_close(v, eps - Y + (Y - X0) / tt, rtol=1e-4, atol=1e-4)
+
+
+def test_x0_from_velocity_is_plain_rectified_flow():
+    X0, Y, v = latents()
+    br = Bridge("ebr")
+    t = torch.tensor([0.1, 0.2, 0.3])
+    torch.testing.assert_close(br.x0_from_velocity(X0, t, v), X0 - t.view(-1, 1, 1, 1) * v)
+    ddbm = Bridge("ddbm")
+    tau = ddbm.model_time(t).view(-1, 1, 1, 1)
+    torch.testing.assert_close(ddbm.x0_from_velocity(X0, t, v), X0 - tau * v)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("steps", [1, 2, 20])
+def test_sampler_returns_x0_with_ideal_model(kind, steps):
+    X0, Y, eps = latents()
+    br = Bridge(kind, T0=0.4)
+    seen = []
+
+    def ideal(x, tau):  # the ideal x0 predictor: v = (X - X0) / tau given the true X0
+        seen.append(tau.clone())
+        assert tau.shape == (SHAPE[0],) and x.shape == SHAPE
+        return (x - X0) / tau.view(-1, 1, 1, 1)
+
+    out = br.sample(ideal, Y, steps=steps, eps=eps)
+    assert len(seen) == steps  # NFE = steps
+    torch.testing.assert_close(out, X0, rtol=1e-5, atol=1e-5)
+    grid = br.grid(steps)
+    assert grid == sorted(grid, reverse=True) and len(grid) == steps
+    assert [s[0].item() for s in seen] == pytest.approx([float(br.model_time(t)) for t in grid], rel=1e-6)
+    if steps > 1 or kind == "ddbm":
+        assert grid[-1] == pytest.approx(br.t_min)
+    if kind != "ddbm":
+        assert grid[0] == pytest.approx(0.4)  # ebr / naive query the model at T0 first (one step: only there)
+
+
+@pytest.mark.parametrize("kind", ["ebr", "naive"])
+def test_sampler_stays_on_the_bridge(kind):
+    """With the ideal model, eps_hat re-estimates the start noise exactly, so every state the sampler
+    queries is the training state make_state(X0, Y, t_i, eps): training and sampling see the same family."""
+    X0, Y, eps = latents()
+    br = Bridge(kind, T0=0.4)
+    grid = br.grid(6)
+    assert grid[0] == pytest.approx(0.4) and grid[-1] == pytest.approx(1e-4)
+    assert all(abs((grid[i] - grid[i + 1]) - (grid[0] - grid[1])) < 1e-9 for i in range(5))  # linear
+    states = []
+
+    def ideal(x, tau):
+        states.append(x.clone())
+        return (x - X0) / tau.view(-1, 1, 1, 1)
+
+    br.sample(ideal, Y, steps=6, eps=eps)
+    for x, t in zip(states, grid):
+        torch.testing.assert_close(x, br.make_state(X0, Y, t, eps), rtol=1e-5, atol=1e-5)
+
+
+def test_ddbm_sampler_starts_from_noised_degraded_latent():
+    X0, Y, eps = latents()
+    br = Bridge("ddbm", T0=0.4)
+    grid = br.grid(4)
+    assert grid[0] < 0.4 and grid[-1] == pytest.approx(1e-4)
+    first = []
+    br.sample(lambda x, tau: first.append(x.clone()) or (x - X0) / tau.view(-1, 1, 1, 1), Y, steps=4, eps=eps)
+    tau = br.model_time(grid[0])
+    torch.testing.assert_close(first[0], (1 - tau) * Y + tau * eps)
+    # after the first step it is back on the bridge (with a re-estimated noise)
+    a, A, B = br.coeffs(grid[1])
+    eps_hat = (first[1] - a * X0 - A * Y) / B
+    assert torch.isfinite(eps_hat).all()
+
+
+def test_sampler_with_averaged_velocities_and_a_real_update():
+    """Mixed degradations: the sampler consumes an averaged velocity. Two ideal predictors for different
+    targets average to the ideal predictor of the mean target."""
+    X0, Y, eps = latents()
+    X1 = X0 + 1.0
+    br = Bridge("ebr")
+    fns = [lambda x, tau, T=T: (x - T) / tau.view(-1, 1, 1, 1) for T in (X0, X1)]
+    out = br.sample(averaged(fns), Y, steps=5, eps=eps)
+    torch.testing.assert_close(out, X0 + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_by_hand():
+    """Three steps with a fixed non-ideal velocity, written out: catches a wrong coefficient anywhere in
+    the re-projection (with the ideal model eps_hat is always the true eps, which would hide it)."""
+    X0, Y, eps = latents()
+    v = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+    T0, t_min = 0.4, 1e-4
+    br = Bridge("ebr", T0=T0, t_min=t_min)
+    out = br.sample(lambda x, tau: v * (1 + tau.view(-1, 1, 1, 1)), Y, steps=3, eps=eps)
+    a = lambda t: (1 - t) * (1 - t / T0)  # noqa: E731
+    A = lambda t: (1 - t) * t / T0  # noqa: E731
+    X = (1 - T0) * Y + T0 * eps
+    t0, t1, t2 = T0, (T0 + t_min) / 2, t_min
+    for t, t_next in ((t0, t1), (t1, t2)):
+        x0 = X - t * v * (1 + t)
+        eps_hat = (X - a(t) * x0 - A(t) * Y) / t
+        X = a(t_next) * x0 + A(t_next) * Y + t_next * eps_hat
+    torch.testing.assert_close(out, X - t2 * v * (1 + t2), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_t_range_and_skew():
+    g = torch.Generator().manual_seed(0)
+    uni = Bridge(T0=0.4, t_min=1e-4).sample_t(50000, g)
+    assert uni.shape == (50000,) and uni.dtype == torch.float32
+    assert uni.min() >= 1e-4 and uni.max() <= 0.4
+    assert abs(uni.mean().item() - (0.4 + 1e-4) / 2) < 0.003
+    late = Bridge(T0=0.4, pow=3.0).sample_t(50000, g)  # u^3: mass near t_min
+    early = Bridge(T0=0.4, pow=0.3).sample_t(50000, g)  # mass near T0
+    assert late.min() >= 1e-4 and early.max() <= 0.4
+    assert late.mean() < uni.mean() - 0.05 < early.mean() - 0.1
+    # E[u^p] = 1 / (p + 1)
+    assert abs(late.mean().item() - (1e-4 + (0.4 - 1e-4) / 4)) < 0.003
+    a = Bridge().sample_t(8, torch.Generator().manual_seed(5))
+    b = Bridge().sample_t(8, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_shapes_and_dtypes_preserved(dtype):
+    for shape in [(2, 16, 4, 4), (2, 10, 64), (2, 16, 3, 4, 4)]:  # image latent, packed tokens, video latent
+        X0, Y, eps = (x.to(dtype) for x in latents(shape=shape))
+        for kind in KINDS:
+            br = Bridge(kind)
+            t = br.sample_t(shape[0])
+            x_t = br.make_state(X0, Y, t, eps)
+            assert x_t.shape == shape and x_t.dtype == dtype
+            assert br.velocity_target(x_t, t, X0).dtype == dtype
+            out = br.sample(lambda x, tau: torch.zeros_like(x, dtype=dtype), Y, steps=3,
+                            generator=torch.Generator().manual_seed(0))
+            assert out.shape == shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_sampler_noise_from_generator_is_reproducible():
+    X0, Y, _ = latents()
+    br = Bridge()
+    f = lambda x, tau: x * 0.3  # noqa: E731
+    a = br.sample(f, Y, steps=4, generator=torch.Generator().manual_seed(42))
+    b = br.sample(f, Y, steps=4, generator=torch.Generator().manual_seed(42))
+    c = br.sample(f, Y, steps=4, generator=torch.Generator().manual_seed(43))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kind="sde"), dict(T0=0.0), dict(T0=1.5), dict(t_min=0.5),
+                                    dict(pow=0.0), dict(kind="ddbm", sigma=-1.0)])
+def test_bad_settings_are_user_errors(kwargs):
+    with pytest.raises(UserError):
+        Bridge(**kwargs)
+    with pytest.raises(UserError):
+        Bridge().grid(0)
