@@ -1,0 +1,224 @@
+"""Learn a restoration prompt on a frozen diffusion backbone (arXiv 2604.04924).
+
+    python train.py --degradation noise --t0 0.6 --data path/to/clean/images
+
+Only the prompt P [1, K, D] and the per-block gates alpha train. Each step:
+    X0, Y = encode(clean), encode(degraded)              frozen VAE
+    t ~ t_min + (T0 - t_min) u^p,  eps ~ N(0, I)
+    x_t = a(t) X0 + A(t) Y + B(t) eps                    the bridge state (bridge.py; EBR by default)
+    v = F(x_t, tau(t); P, alpha)                         frozen transformer with the prompt added
+    loss = || x_t - tau v - X0 ||^2                      x0-MSE on latents
+Every --val-every steps the held-out images are restored with the bridge sampler and scored
+(PSNR/SSIM); a preview grid (degraded | restored | clean) lands in the run folder with a JSONL log.
+Checkpoints are written atomically; --resume continues bit-for-bit (every step's randomness is
+seeded by (seed, step)); Ctrl-C saves a checkpoint and exits.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minirestore import UserError
+from minirestore.backbone import load_backbone
+from minirestore.bridge import KINDS, Bridge
+from minirestore.data import CleanFolder, PairedFolder, save_image, split
+from minirestore.degrade import parse
+from minirestore.metrics import psnr, ssim
+from minirestore.prompts import save_prompt
+
+DEFAULTS = {  # per backbone: resolution, steps, lr
+    "flux": dict(resolution=512, steps=3000, lr=2e-3),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="flux-dev", help="backbone: a model name (flux-dev, flux-schnell) or a backbone folder")
+    p.add_argument("--degradation", default="noise", help="a degradation name or a +-joined mix (e.g. blur+noise); "
+                   "ignored for paired data except in the output name")
+    p.add_argument("--t0", type=float, default=0.4, help="bridge horizon T0 in (0, 1]")
+    p.add_argument("--t-min", type=float, default=1e-4, help="smallest bridge time")
+    p.add_argument("--pow", type=float, default=1.0, help="time-sampling skew p in t = t_min + (T0 - t_min) u^p")
+    p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
+    p.add_argument("--data", help="a folder of clean images (degraded on the fly) or a paired folder with clean/ and degraded/")
+    p.add_argument("--resolution", type=int, help="training crop size in pixels (default: 512 for FLUX)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: 3000 for FLUX)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, help="AdamW learning rate for P and alpha (default: 2e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="prompt file to write (default: weights/<model>-<degradation>.safetensors)")
+    p.add_argument("--run-dir", help="folder for checkpoint, log and previews (default: runs/<model>-<degradation>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--val-every", type=int, default=250, help="validate and preview every N steps (0: only at the end)")
+    p.add_argument("--val-count", type=int, default=4, help="held-out images for validation")
+    p.add_argument("--val-steps", type=int, default=20, help="sampler steps when validating")
+    p.add_argument("--grad-checkpointing", choices=("auto", "on", "off"), default="auto",
+                   help="recompute each block in the backward pass (auto: on for CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="frozen weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    args = p.parse_args(argv)
+    if not 0 < args.t0 <= 1:
+        raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
+    for flag in ("steps", "batch_size", "resolution", "val_count", "val_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+def rng_for(seed, step):
+    """Every step's randomness comes from (seed, step): a resumed run draws exactly what it would have."""
+    torch.manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def batch_at(dataset, step, batch_size, seed):
+    g = rng_for(seed, step)
+    idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
+    items = [dataset[i] for i in idx]
+    return torch.stack([it["clean"] for it in items]), torch.stack([it["degraded"] for it in items]), g
+
+
+def atomic_save(obj, path):
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def validate(backbone, bank, bridge, val_set, steps, seed):
+    """Restore the held-out images; their mean x0-loss at fixed times, PSNR and SSIM, and a preview grid."""
+    rows, scores, losses = [], [], []
+    for i in range(len(val_set)):
+        item = val_set[i]
+        clean, degraded = item["clean"][None], item["degraded"][None]
+        X0, Y = backbone.encode(clean), backbone.encode(degraded)
+        g = torch.Generator().manual_seed(seed + i)
+        for t in torch.linspace(bridge.t_min, bridge.T0, 4)[1:]:  # the training objective at fixed t, eps
+            eps = torch.randn(Y.shape, generator=g).to(Y.device)
+            x_t = bridge.make_state(X0, Y, t.item(), eps)
+            tau = torch.full((1,), float(bridge.model_time(t.item())), device=Y.device)
+            losses.append(bridge.loss(bridge.x0_from_velocity(x_t, t.item(), backbone.velocity(x_t, tau, bank)), X0).item())
+        restored = backbone.decode(bridge.sample(lambda x, tau: backbone.velocity(x, tau, bank), Y, steps, generator=g))
+        restored = restored.cpu()
+        scores.append((psnr(restored, clean).item(), ssim(restored, clean).item(), psnr(degraded, clean).item()))
+        rows.append(torch.cat([degraded[0], restored[0], clean[0]], dim=-1))
+    n = len(scores)
+    metrics = {"val_loss": sum(losses) / len(losses), "psnr": sum(s[0] for s in scores) / n,
+               "ssim": sum(s[1] for s in scores) / n, "psnr_degraded": sum(s[2] for s in scores) / n}
+    return metrics, torch.cat(rows, dim=-2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    defaults = DEFAULTS["flux"]
+    resolution, steps, lr = (args.resolution or defaults["resolution"], args.steps or defaults["steps"],
+                             args.lr or defaults["lr"])
+    bridge = Bridge(args.bridge, args.t0, args.t_min, args.pow)
+    if args.data is None:
+        raise UserError("pass --data: a folder of clean images, or a paired folder with clean/ and degraded/")
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UserError(f"--data {data}: no such folder")
+    paired = (data / "clean").is_dir() and (data / "degraded").is_dir()
+    degradation = "+".join(parse(args.degradation)) if not paired else args.degradation
+    dataset = (PairedFolder(data, resolution, seed=args.seed) if paired
+               else CleanFolder(data, degradation, resolution, seed=args.seed))
+    train_set, val_set = split(dataset, val_count=min(args.val_count, len(dataset) - 1), seed=args.seed)
+
+    backbone = load_backbone(args.model, args.device, dtype)
+    if resolution % backbone.multiple:
+        raise UserError(f"--resolution {resolution} must be a multiple of {backbone.multiple} for {backbone.name}")
+    if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and args.device.startswith("cuda")):
+        backbone.model.gradient_checkpointing = True
+    tag = f"{backbone.name}-{degradation}"
+    out = Path(args.out or Path("weights") / f"{tag}.safetensors")
+    run_dir = Path(args.run_dir or Path("runs") / tag)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+
+    bank = backbone.new_prompt(torch.Generator().manual_seed(args.seed))
+    opt = torch.optim.AdamW(bank.parameters(), lr=lr, weight_decay=0.0)
+    start = 0
+    if args.resume:
+        if not ckpt_path.exists():
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+        state = torch.load(ckpt_path, map_location=args.device, weights_only=True)
+        if tuple(state["prompt"].shape) != tuple(bank.prompt.shape):
+            raise UserError(f"{ckpt_path} holds a prompt of shape {list(state['prompt'].shape)}, "
+                            f"not {list(bank.prompt.shape)}: it is from another backbone")
+        bank.load_state_dict({"prompt": state["prompt"], "alpha": state["alpha"]})
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resuming {ckpt_path} at step {start}")
+    meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, T0=args.t0, t_min=args.t_min,
+                resolution=resolution, lr=lr, batch_size=args.batch_size, seed=args.seed)
+
+    def checkpoint(step):
+        atomic_save({"prompt": bank.prompt.detach(), "alpha": bank.alpha.detach(), "optimizer": opt.state_dict(),
+                     "step": step, "args": vars(args)}, ckpt_path)
+
+    def log(record):
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run_validation(step):
+        metrics, grid = validate(backbone, bank, bridge, val_set, args.val_steps, args.seed)
+        save_image(grid, run_dir / f"preview-{step:06d}.png")
+        log({"step": step, **metrics})
+        return metrics
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"training {tag}", unit="step")
+    done = start  # optimiser steps completed
+    try:
+        if start == 0:  # the frozen model, as the baseline every later validation is read against
+            m = run_validation(0)
+            tqdm.write(f"step 0 (frozen model): val loss {m['val_loss']:.4f}  PSNR {m['psnr']:.2f} dB "
+                       f"(degraded {m['psnr_degraded']:.2f})  SSIM {m['ssim']:.3f}")
+        t_start = time.time()
+        for step in bar:
+            clean, degraded, g = batch_at(train_set, step, args.batch_size, args.seed)
+            X0, Y = backbone.encode(clean), backbone.encode(degraded)
+            t = bridge.sample_t(X0.shape[0], generator=g).to(X0.device)
+            eps = torch.randn(X0.shape, generator=g).to(X0.device)
+            x_t = bridge.make_state(X0, Y, t, eps)
+            v = backbone.velocity(x_t, bridge.model_time(t), bank)
+            loss = bridge.loss(bridge.x0_from_velocity(x_t, t, v), X0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = step + 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log({"step": step + 1, "loss": loss.item(), "time": time.time() - t_start})
+            if args.val_every and (step + 1) % args.val_every == 0 and step + 1 < steps:
+                checkpoint(step + 1)
+                m = run_validation(step + 1)
+                tqdm.write(f"step {step + 1}: val loss {m['val_loss']:.4f}  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}")
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint(done)
+        print(f"interrupted at step {done}: checkpoint saved in {ckpt_path}; continue with --resume")
+        return 130
+    bar.close()
+    checkpoint(steps)
+    m = run_validation(steps)
+    save_prompt(bank, out, **meta, steps=steps)
+    print(f"step {steps}: val loss {m['val_loss']:.4f}  PSNR {m['psnr']:.2f} dB (degraded {m['psnr_degraded']:.2f})  "
+          f"SSIM {m['ssim']:.3f}")
+    print(f"prompt written to {out}; previews and log in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
