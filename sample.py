@@ -19,6 +19,7 @@ from minirestore import UserError
 from minirestore.backbone import load_backbone
 from minirestore.bridge import Bridge, averaged
 from minirestore.data import list_images, load_image, save_image
+from minirestore.distributed import barrier, close, init
 from minirestore.prompts import load_prompt
 
 
@@ -67,12 +68,17 @@ def restore(backbone, prompts, bridge, image, steps, seed):
 
 def main(argv=None):
     args = parse_args(argv)
+    world = init(args.device)  # under torchrun each process restores its share of the inputs
+    args.device = world.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     files = list_images(args.inputs)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     jobs = [(src, output_path(src, args.out, args.suffix)) for src in files]
+    outputs = [dst for _, dst in jobs]
+    if len(set(outputs)) < len(outputs):
+        raise UserError("two inputs would write the same output (same name in different folders): pass them separately")
     for src in files:  # refuse bad inputs before any work, so nothing is half done
         image, _ = load_image(src)
         if max(image.shape[-2:]) > args.max_size:
@@ -91,11 +97,14 @@ def main(argv=None):
 
     from tqdm.auto import tqdm
 
-    for src, dst in tqdm(jobs, desc="restoring", unit="image", disable=len(jobs) < 2):
+    mine = jobs[world.rank::world.size]  # every output is written by exactly one process
+    for src, dst in tqdm(mine, desc="restoring", unit="image", disable=len(mine) < 2 or not world.main):
         image, info = load_image(src)
         restored = restore(backbone, prompts, bridge, image, args.steps, args.seed)
         save_image(restored, dst, info)
         print(f"{src} -> {dst}")
+    barrier(world)
+    close(world)
     return 0
 
 

@@ -27,6 +27,7 @@ from minirestore.backbone import load_backbone
 from minirestore.bridge import KINDS, Bridge
 from minirestore.data import CleanFolder, PairedFolder, save_image, split
 from minirestore.degrade import parse
+from minirestore.distributed import average_gradients, barrier, close, init, sum_across
 from minirestore.metrics import psnr, ssim
 from minirestore.prompts import save_prompt
 
@@ -69,17 +70,28 @@ def parse_args(argv=None):
     return args
 
 
-def rng_for(seed, step):
-    """Every step's randomness comes from (seed, step): a resumed run draws exactly what it would have."""
-    torch.manual_seed(seed * 1_000_003 + step)
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def item_seed(seed, step, j):
+    """Every random draw of item j of step `step` (its image, crop, degradation, t, eps) comes from
+    this seed: a resumed run, or the same global batch split over any number of processes, draws
+    exactly the same numbers."""
+    return (seed * 1_000_003 + step) * 10_007 + j
 
 
-def batch_at(dataset, step, batch_size, seed):
-    g = rng_for(seed, step)
-    idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
-    items = [dataset[i] for i in idx]
-    return torch.stack([it["clean"] for it in items]), torch.stack([it["degraded"] for it in items]), g
+def batch_at(dataset, step, batch_size, seed, world):
+    """This process's share of the global batch (batch_size per process, batch_size x world in all).
+
+    The sampler: one seeded draw of batch_size x world indices per step, and process r takes items
+    [r B, (r + 1) B): the data is sharded per rank like a DistributedSampler, and reproducibly."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    idx = torch.randint(len(dataset), (batch_size * world.size,), generator=g).tolist()
+    clean, degraded, gens = [], [], []
+    for j in range(world.rank * batch_size, (world.rank + 1) * batch_size):
+        torch.manual_seed(item_seed(seed, step, j))  # the dataset's crop, flip and degradation draws
+        item = dataset[idx[j]]
+        clean.append(item["clean"])
+        degraded.append(item["degraded"])
+        gens.append(torch.Generator().manual_seed(item_seed(seed, step, j) + 1))  # t and eps of item j
+    return torch.stack(clean), torch.stack(degraded), gens
 
 
 def atomic_save(obj, path):
@@ -89,10 +101,11 @@ def atomic_save(obj, path):
 
 
 @torch.no_grad()
-def validate(backbone, bank, bridge, val_set, steps, seed):
-    """Restore the held-out images; their mean x0-loss at fixed times, PSNR and SSIM, and a preview grid."""
+def validate(backbone, bank, bridge, val_set, steps, seed, world):
+    """Restore the held-out images; their mean x0-loss at fixed times, PSNR and SSIM (averaged over
+    all processes, each of which restores its share), and this process's preview grid."""
     rows, scores, losses = [], [], []
-    for i in range(len(val_set)):
+    for i in range(world.rank, len(val_set), world.size):
         item = val_set[i]
         clean, degraded = item["clean"][None], item["degraded"][None]
         X0, Y = backbone.encode(clean), backbone.encode(degraded)
@@ -106,14 +119,17 @@ def validate(backbone, bank, bridge, val_set, steps, seed):
         restored = restored.cpu()
         scores.append((psnr(restored, clean).item(), ssim(restored, clean).item(), psnr(degraded, clean).item()))
         rows.append(torch.cat([degraded[0], restored[0], clean[0]], dim=-1))
-    n = len(scores)
-    metrics = {"val_loss": sum(losses) / len(losses), "psnr": sum(s[0] for s in scores) / n,
-               "ssim": sum(s[1] for s in scores) / n, "psnr_degraded": sum(s[2] for s in scores) / n}
-    return metrics, torch.cat(rows, dim=-2)
+    sums = sum_across([sum(losses), len(losses), len(scores)] + [sum(s[k] for s in scores) for k in range(3)], world)
+    loss_sum, n_loss, n, psnr_sum, ssim_sum, degraded_sum = sums
+    metrics = {"val_loss": loss_sum / n_loss, "psnr": psnr_sum / n, "ssim": ssim_sum / n,
+               "psnr_degraded": degraded_sum / n}
+    return metrics, (torch.cat(rows, dim=-2) if rows else None)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    world = init(args.device)
+    args.device = world.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     defaults = DEFAULTS["flux"]
@@ -130,6 +146,8 @@ def main(argv=None):
     dataset = (PairedFolder(data, resolution, seed=args.seed) if paired
                else CleanFolder(data, degradation, resolution, seed=args.seed))
     train_set, val_set = split(dataset, val_count=min(args.val_count, len(dataset) - 1), seed=args.seed)
+    if len(val_set) < world.size:
+        raise UserError(f"--val-count {len(val_set)} is smaller than the {world.size} processes: each needs one")
 
     backbone = load_backbone(args.model, args.device, dtype)
     if resolution % backbone.multiple:
@@ -139,7 +157,8 @@ def main(argv=None):
     tag = f"{backbone.name}-{degradation}"
     out = Path(args.out or Path("weights") / f"{tag}.safetensors")
     run_dir = Path(args.run_dir or Path("runs") / tag)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
 
     bank = backbone.new_prompt(torch.Generator().manual_seed(args.seed))
@@ -160,56 +179,70 @@ def main(argv=None):
                 resolution=resolution, lr=lr, batch_size=args.batch_size, seed=args.seed)
 
     def checkpoint(step):
+        if not world.main:
+            return
         atomic_save({"prompt": bank.prompt.detach(), "alpha": bank.alpha.detach(), "optimizer": opt.state_dict(),
                      "step": step, "args": vars(args)}, ckpt_path)
 
     def log(record):
+        if not world.main:
+            return
         with open(run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def run_validation(step):
-        metrics, grid = validate(backbone, bank, bridge, val_set, args.val_steps, args.seed)
-        save_image(grid, run_dir / f"preview-{step:06d}.png")
+        metrics, grid = validate(backbone, bank, bridge, val_set, args.val_steps, args.seed, world)
+        if world.main:
+            save_image(grid, run_dir / f"preview-{step:06d}.png")
         log({"step": step, **metrics})
         return metrics
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"training {tag}", unit="step")
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"training {tag}", unit="step",
+               disable=not world.main)
+    say = tqdm.write if world.main else (lambda *a: None)
     done = start  # optimiser steps completed
     try:
         if start == 0:  # the frozen model, as the baseline every later validation is read against
             m = run_validation(0)
-            tqdm.write(f"step 0 (frozen model): val loss {m['val_loss']:.4f}  PSNR {m['psnr']:.2f} dB "
+            say(f"step 0 (frozen model): val loss {m['val_loss']:.4f}  PSNR {m['psnr']:.2f} dB "
                        f"(degraded {m['psnr_degraded']:.2f})  SSIM {m['ssim']:.3f}")
         t_start = time.time()
         for step in bar:
-            clean, degraded, g = batch_at(train_set, step, args.batch_size, args.seed)
+            clean, degraded, gens = batch_at(train_set, step, args.batch_size, args.seed, world)
             X0, Y = backbone.encode(clean), backbone.encode(degraded)
-            t = bridge.sample_t(X0.shape[0], generator=g).to(X0.device)
-            eps = torch.randn(X0.shape, generator=g).to(X0.device)
+            t = torch.cat([bridge.sample_t(1, generator=g) for g in gens]).to(X0.device)
+            eps = torch.stack([torch.randn(X0.shape[1:], generator=g) for g in gens]).to(X0.device)
             x_t = bridge.make_state(X0, Y, t, eps)
             v = backbone.velocity(x_t, bridge.model_time(t), bank)
             loss = bridge.loss(bridge.x0_from_velocity(x_t, t, v), X0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(bank.parameters(), world)  # mean over processes = the global batch's gradient
             opt.step()
             done = step + 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")  # this process's share of the batch
             log({"step": step + 1, "loss": loss.item(), "time": time.time() - t_start})
             if args.val_every and (step + 1) % args.val_every == 0 and step + 1 < steps:
                 checkpoint(step + 1)
                 m = run_validation(step + 1)
-                tqdm.write(f"step {step + 1}: val loss {m['val_loss']:.4f}  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}")
+                say(f"step {step + 1}: val loss {m['val_loss']:.4f}  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}")
     except KeyboardInterrupt:
         bar.close()
         checkpoint(done)
-        print(f"interrupted at step {done}: checkpoint saved in {ckpt_path}; continue with --resume")
+        if world.main:
+            print(f"interrupted at step {done}: checkpoint saved in {ckpt_path}; continue with --resume")
         return 130
     bar.close()
     checkpoint(steps)
     m = run_validation(steps)
-    save_prompt(bank, out, **meta, steps=steps)
+    if world.main:
+        save_prompt(bank, out, **meta, steps=steps, world_size=world.size)
+    barrier(world)
+    close(world)
+    if not world.main:
+        return 0
     print(f"step {steps}: val loss {m['val_loss']:.4f}  PSNR {m['psnr']:.2f} dB (degraded {m['psnr_degraded']:.2f})  "
           f"SSIM {m['ssim']:.3f}")
     print(f"prompt written to {out}; previews and log in {run_dir}")
@@ -220,5 +253,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"error: {rank}{e}", file=sys.stderr)
         sys.exit(2)

@@ -6,66 +6,19 @@ BFL autoencoder, a cached context), and loaded through the real loaders.
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from minirestore import UserError
-from minirestore.autoencoder import AutoEncoder, AutoEncoderConfig
 from minirestore.backbone import load_backbone
 from minirestore.bridge import Bridge
-from minirestore.context import save_context
-from minirestore.flux import Flux, FluxConfig
 from minirestore.prompts import load_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
-FLUX = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=8, context_in_dim=16, hidden_size=32, mlp_ratio=2.0,
-                  num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], guidance_embed=False)
-AE = AutoEncoderConfig(resolution=16, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1,
-                       z_channels=16, scale_factor=1.0, shift_factor=0.0)
-
-
-def _randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("scale", "norm1.weight", "norm2.weight", "norm_out.weight")) or ".norm.weight" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
-    return model
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("backbone")
-    flux = _randomise(Flux(FLUX), 0)
-    save_file(flux.state_dict(), d / "flux.safetensors", metadata={"minirestore_config": json.dumps(asdict(FLUX))})
-    ae = _randomise(AutoEncoder(AE), 1)
-    save_file(ae.state_dict(), d / "ae.safetensors", metadata={"minirestore_config": json.dumps(asdict(AE))})
-    g = torch.Generator().manual_seed(2)
-    save_context(d / "context.safetensors", {"txt": torch.randn(1, 6, 16, generator=g), "y": torch.randn(1, 8, generator=g)},
-                 {"backbone": "test-flux"})
-    return d
-
-
-@pytest.fixture(scope="module")
-def images_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        yy, xx = np.mgrid[0:20, 0:24] / 24.0
-        img = np.stack([np.sin(xx * (3 + i)), np.cos(yy * (2 + i)), xx * yy], -1) * 0.4 + 0.5
-        img = np.clip(img + 0.03 * rng.standard_normal(img.shape), 0, 1)
-        Image.fromarray((img * 255).astype(np.uint8)).save(d / f"img{i}.png")
-    return d
-
-
 def run(script, *args, cwd):
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=600)
