@@ -3,32 +3,102 @@
 CUDA tensors run the Triton kernels; everything else runs the PyTorch reference in
 `kernels/reference.py`, which is the specification. MINIRESTORE_KERNELS=torch forces the reference
 everywhere; MINIRESTORE_KERNELS=triton forces the Triton kernels (on the CPU that is the Triton
-interpreter, TRITON_INTERPRET=1, which the tests use).
+interpreter, TRITON_INTERPRET=1, which the tests use). The variable is read at every call.
+
+The Triton modules (flash.py, prompted.py, prologue.py) are imported on first use, so a machine
+without triton (macOS) runs the reference in auto mode. MINIRESTORE_KERNELS_POISON=1 makes the
+Triton wrappers fill their outputs with NaN first, so an element a kernel never writes shows up.
 """
 import os
 
+import torch
+
+from minirestore import UserError
+
 from . import reference
 
+_triton = None  # (flash, prompted, prologue) once imported, or the ImportError that stopped it
 
-def _use_triton(x):
+
+def _load():
+    global _triton
+    if _triton is None:
+        try:
+            if not torch.cuda.is_available():
+                # triton.jit decides at decoration whether a kernel is interpreted; with no GPU the
+                # interpreter is the only way the kernels can run.
+                os.environ.setdefault("TRITON_INTERPRET", "1")
+            from . import flash, prologue, prompted
+            _triton = (flash, prompted, prologue)
+        except ImportError as e:
+            _triton = e
+    return _triton
+
+
+def _use_triton(*tensors):
     choice = os.environ.get("MINIRESTORE_KERNELS", "auto")
     if choice == "torch":
         return False
-    if choice == "triton":
-        return True
-    return x.is_cuda
+    if choice not in ("auto", "triton"):
+        raise UserError(f"MINIRESTORE_KERNELS={choice!r} is not a choice: use auto, torch or triton")
+    if choice == "auto" and not tensors[0].is_cuda:
+        return False
+    loaded = _load()
+    if isinstance(loaded, ImportError):
+        if choice == "auto":
+            return False  # no triton on this platform: the reference is the fallback
+        raise UserError(f"MINIRESTORE_KERNELS=triton but triton cannot be imported ({loaded}); "
+                        "install triton or unset MINIRESTORE_KERNELS")
+    if not loaded[0].INTERPRET and not tensors[0].is_cuda:
+        raise UserError(f"MINIRESTORE_KERNELS=triton got {tensors[0].device} tensors but the kernels were compiled "
+                        "for CUDA; set TRITON_INTERPRET=1 before the first kernel call to run Triton on the CPU, "
+                        "or use MINIRESTORE_KERNELS=torch")
+    return True
+
+
+def _check(name, x, *others):
+    for t in others:
+        if t.dtype != x.dtype or t.device != x.device:
+            raise UserError(f"{name}: all inputs must share one dtype and device, got {x.dtype}/{x.device} "
+                            f"and {t.dtype}/{t.device}; cast them first")
+
+
+# Head dims above this do not fit a GPU tile (q, k, v tiles in shared memory); the one such caller,
+# the VAE's single-head mid-block attention (D = 512), is a small call that SDPA serves well.
+MAX_TRITON_HEAD_DIM = 256
+
+
+def _too_wide(q):
+    return q.is_cuda and q.shape[-1] > MAX_TRITON_HEAD_DIM
 
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(D)) v. q: [B, H, Lq, D], k, v: [B, H, Lk, D] -> [B, H, Lq, D]."""
-    return reference.attention(q, k, v)
+    if not _use_triton(q, k, v) or _too_wide(q):
+        return reference.attention(q, k, v)
+    _check("attention", q, k, v)
+    return _triton[0].attention(q, k, v)
 
 
 def prompted_attention(q, k, v, k_p, v_p, alpha):
     """attention(q, k, v) + alpha * attention(q, k_p, v_p) (Wan's prompted cross-attention)."""
-    return reference.prompted_attention(q, k, v, k_p, v_p, alpha)
+    if not _use_triton(q, k, v, k_p, v_p) or _too_wide(q):
+        return reference.prompted_attention(q, k, v, k_p, v_p, alpha)
+    _check("prompted_attention", q, k, v, k_p, v_p)
+    if not torch.is_tensor(alpha):
+        alpha = torch.tensor(float(alpha), device=q.device)
+    return _triton[1].prompted_attention(q, k, v, k_p, v_p, alpha)
 
 
 def qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual=None, alpha=None, eps=1e-6):
     """Fused qkv [B, L, 3*H*D] -> q, k, v [B, H, L, D]: prompt residual, QK RMSNorm, RoPE."""
-    return reference.qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual, alpha, eps)
+    if (residual is None) != (alpha is None):
+        raise UserError("qkv_prologue: pass residual and alpha together (or neither)")
+    if not _use_triton(qkv, q_scale, k_scale, pe, residual):
+        return reference.qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual, alpha, eps)
+    D = qkv.shape[-1] // (3 * num_heads)
+    if qkv.shape[-1] != 3 * num_heads * D or D % 2:
+        raise UserError(f"qkv_prologue: width {qkv.shape[-1]} is not 3 * {num_heads} heads * an even head dim")
+    if pe is not None and (pe.shape[2] != qkv.shape[1] or pe.shape[3] != D // 2):
+        raise UserError(f"qkv_prologue: pe {tuple(pe.shape)} does not match L={qkv.shape[1]}, D/2={D // 2}")
+    return _triton[2].qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual, alpha, eps)

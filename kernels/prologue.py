@@ -1,0 +1,204 @@
+"""The FLUX attention prologue in Triton: fused qkv rows -> q, k, v with the prompt folded in.
+
+Per row and head (reference.qkv_prologue is the specification; architectures.md 2.2 and 2.4):
+    x = qkv + alpha * R          rows < K only (R = W_qkv P, the prompt's projection, paper.md 3.3)
+    n = x / sqrt(mean(x^2) + eps),  y = n * w          QKNorm of q and k, fp32, per head
+    out = rot(pe) y              interleaved pairs: (out0, out1) = [[pe00, pe01], [pe10, pe11]] (y0, y1)
+v is x. One program handles BLOCK_L rows of one head for q, k and v, reading qkv once.
+
+Backward (dy = rot(pe)^T dout,  dw = sum_rows dy * n,  dx = (dn - n * mean(dn * n)) / rms with dn = dy w;
+dR = alpha * dx and d_alpha = sum(dx * R) on rows < K). The sums over rows (dw, d_alpha, and dR over
+the batch when R is shared) are written as per-program partials and summed by torch.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .flash import block_d, empty, poison
+
+BLOCK_L = 32
+
+
+@triton.jit
+def _load_rows(X, rows, cols, stride_l, mask):
+    return tl.load(X + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_pe(PE, rows, stride_l, stride_j, stride_r, stride_c, mask, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The four [BLOCK_L, BLOCK_D/2] entries of the per-pair 2x2 rotations."""
+    pairs = tl.arange(0, BLOCK_D // 2)
+    base = PE + rows[:, None] * stride_l + pairs[None, :] * stride_j
+    pe00 = tl.load(base, mask=mask, other=0.0)
+    pe01 = tl.load(base + stride_c, mask=mask, other=0.0)
+    pe10 = tl.load(base + stride_r, mask=mask, other=0.0)
+    pe11 = tl.load(base + stride_r + stride_c, mask=mask, other=0.0)
+    return pe00, pe01, pe10, pe11
+
+
+@triton.jit
+def _fwd(QKV, RES, ALPHA, WQ, WK, PE, Q, K, V,
+         s_b, s_l, sr_b, sr_l, spe_b, spe_l, spe_j, spe_r, spe_c, so_b, so_h, so_l, so_d,
+         H, L, K_rows, D, eps,
+         HAS_RES: tl.constexpr, HAS_PE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_l = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    mask = (rows[:, None] < L) & d_ok[None, :]
+    dtype = Q.dtype.element_ty
+    if HAS_RES:
+        alpha = tl.load(ALPHA).to(tl.float32)
+        res_mask = (rows[:, None] < K_rows) & d_ok[None, :]
+    if HAS_PE:
+        pe00, pe01, pe10, pe11 = _load_pe(PE + b * spe_b, rows, spe_l, spe_j, spe_r, spe_c,
+                                          (rows[:, None] < L) & (tl.arange(0, BLOCK_D // 2)[None, :] < D // 2),
+                                          BLOCK_L, BLOCK_D)
+    out = b * so_b + h * so_h + rows[:, None] * so_l + offs_d[None, :] * so_d
+    for part in tl.static_range(3):  # q, k, v: the 3 is outermost in the qkv columns
+        cols = (part * H + h) * D + offs_d
+        x = _load_rows(QKV + b * s_b, rows, cols, s_l, mask)
+        if HAS_RES:
+            x += alpha * _load_rows(RES + b * sr_b, rows, cols, sr_l, res_mask)
+            x = x.to(dtype).to(tl.float32)  # the reference adds in the activation dtype
+        if part == 2:
+            tl.store(V + out, x.to(dtype), mask=mask)
+        else:
+            w = tl.load((WQ if part == 0 else WK) + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            rrms = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
+            y = (x * rrms[:, None] * w[None, :]).to(dtype).to(tl.float32)  # RMSNorm output is cast back
+            if HAS_PE:
+                y0, y1 = tl.split(tl.reshape(y, [BLOCK_L, BLOCK_D // 2, 2]))  # interleaved pairs
+                y = tl.reshape(tl.join(pe00 * y0 + pe01 * y1, pe10 * y0 + pe11 * y1), [BLOCK_L, BLOCK_D])
+            tl.store((Q if part == 0 else K) + out, y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _bwd(QKV, RES, ALPHA, WQ, WK, PE, DQ, DK, DV, DQKV, DRES, DALPHA, DWQ, DWK,
+         s_b, s_l, sr_b, sr_l, spe_b, spe_l, spe_j, spe_r, spe_c, sdx_b, sdx_l, sdr_b, sdr_l,
+         sdq_b, sdq_h, sdq_l, sdq_d, sdk_b, sdk_h, sdk_l, sdk_d, sdv_b, sdv_h, sdv_l, sdv_d,
+         H, L, K_rows, D, eps,
+         HAS_RES: tl.constexpr, HAS_PE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_l = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    pid = bh * tl.num_programs(0) + pid_l  # slot for this program's partial sums
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    mask = (rows[:, None] < L) & d_ok[None, :]
+    if HAS_RES:
+        alpha = tl.load(ALPHA).to(tl.float32)
+        res_mask = (rows[:, None] < K_rows) & d_ok[None, :]
+        d_alpha = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    if HAS_PE:
+        pe00, pe01, pe10, pe11 = _load_pe(PE + b * spe_b, rows, spe_l, spe_j, spe_r, spe_c,
+                                          (rows[:, None] < L) & (tl.arange(0, BLOCK_D // 2)[None, :] < D // 2),
+                                          BLOCK_L, BLOCK_D)
+    for part in tl.static_range(3):
+        cols = (part * H + h) * D + offs_d
+        if part == 2:
+            dx = tl.load(DV + b * sdv_b + h * sdv_h + rows[:, None] * sdv_l + offs_d[None, :] * sdv_d,
+                         mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = _load_rows(QKV + b * s_b, rows, cols, s_l, mask)  # recompute the forward's x, n
+            if HAS_RES:
+                x += alpha * _load_rows(RES + b * sr_b, rows, cols, sr_l, res_mask)
+            rrms = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
+            n = x * rrms[:, None]
+            if part == 0:
+                dout = tl.load(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_l + offs_d[None, :] * sdq_d,
+                               mask=mask, other=0.0).to(tl.float32)
+            else:
+                dout = tl.load(DK + b * sdk_b + h * sdk_h + rows[:, None] * sdk_l + offs_d[None, :] * sdk_d,
+                               mask=mask, other=0.0).to(tl.float32)
+            if HAS_PE:  # dy = rot^T dout
+                d0, d1 = tl.split(tl.reshape(dout, [BLOCK_L, BLOCK_D // 2, 2]))
+                dout = tl.reshape(tl.join(pe00 * d0 + pe10 * d1, pe01 * d0 + pe11 * d1), [BLOCK_L, BLOCK_D])
+            w = tl.load((WQ if part == 0 else WK) + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            tl.store((DWQ if part == 0 else DWK) + pid * BLOCK_D + offs_d, tl.sum(dout * n, 0))
+            dn = dout * w[None, :]
+            dx = rrms[:, None] * (dn - n * (tl.sum(dn * n, 1) / D)[:, None])
+        tl.store(DQKV + b * sdx_b + rows[:, None] * sdx_l + cols[None, :], dx.to(DQKV.dtype.element_ty), mask=mask)
+        if HAS_RES:
+            r = _load_rows(RES + b * sr_b, rows, cols, sr_l, res_mask)
+            d_alpha += dx * r
+            tl.store(DRES + b * sdr_b + rows[:, None] * sdr_l + cols[None, :], alpha * dx, mask=res_mask)
+    if HAS_RES:
+        tl.store(DALPHA + pid, tl.sum(tl.sum(tl.where(res_mask, d_alpha, 0.0), 1), 0))
+
+
+def _pe_strides(pe, qkv):
+    if pe is None:
+        return qkv, (0, 0, 0, 0, 0)  # dummy pointer, never read
+    stride_b = pe.stride(0) if pe.shape[0] > 1 else 0  # [B or 1, 1, L, D/2, 2, 2]
+    return pe, (stride_b, pe.stride(2), pe.stride(3), pe.stride(4), pe.stride(5))
+
+
+class QKVPrologue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, q_scale, k_scale, pe, residual, alpha, num_heads, eps):
+        B, L, C = qkv.shape
+        H, D = num_heads, C // (3 * num_heads)
+        if qkv.stride(2) != 1:
+            qkv = qkv.contiguous()
+        has_res = residual is not None
+        if has_res:
+            residual = residual if residual.stride(2) == 1 else residual.contiguous()
+            a = alpha.detach().reshape(1).to(device=qkv.device, dtype=torch.float32)
+        res, a = (residual, a) if has_res else (qkv, qkv)  # dummies when absent
+        sr_b = res.stride(0) if has_res and residual.shape[0] > 1 else 0
+        pe_, spe = _pe_strides(pe, qkv)
+        q, k, v = (empty((B, H, L, D), qkv, poison()) for _ in range(3))
+        grid = (triton.cdiv(L, BLOCK_L), B * H)
+        _fwd[grid](qkv, res, a, q_scale, k_scale, pe_, q, k, v,
+                   qkv.stride(0), qkv.stride(1), sr_b, res.stride(1), *spe, *q.stride(),
+                   H, L, residual.shape[1] if has_res else 0, D, eps,
+                   HAS_RES=has_res, HAS_PE=pe is not None, BLOCK_L=BLOCK_L, BLOCK_D=block_d(D), num_warps=4)
+        ctx.save_for_backward(qkv, q_scale, k_scale, pe, residual, alpha, a)
+        ctx.meta = (H, D, eps, sr_b)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        qkv, q_scale, k_scale, pe, residual, alpha, a = ctx.saved_tensors
+        H, D, eps, sr_b = ctx.meta
+        B, L, C = qkv.shape
+        has_res = residual is not None
+        dq, dk, dv = (torch.zeros(B, H, L, D, dtype=qkv.dtype, device=qkv.device) if g is None else g
+                      for g in (dq, dk, dv))
+        grid = (triton.cdiv(L, BLOCK_L), B * H)
+        n_prog = grid[0] * grid[1]
+        BD = block_d(D)
+        dqkv = torch.empty(B, L, C, dtype=qkv.dtype, device=qkv.device)  # every element written
+        if poison():
+            dqkv.fill_(float("nan"))
+        dwq = torch.empty(n_prog, BD, dtype=torch.float32, device=qkv.device)
+        dwk = torch.empty_like(dwq)
+        K_rows = residual.shape[1] if has_res else 0
+        # dR per batch element, in fp32 (summed over the batch below when R is shared).
+        dres = torch.empty(B, K_rows, C, dtype=torch.float32, device=qkv.device) if has_res else dwq
+        d_alpha = torch.empty(n_prog, dtype=torch.float32, device=qkv.device) if has_res else dwq
+        res = residual if has_res else qkv
+        pe_, spe = _pe_strides(pe, qkv)
+        _bwd[grid](qkv, res, a, q_scale, k_scale, pe_, dq, dk, dv, dqkv, dres, d_alpha, dwq, dwk,
+                   qkv.stride(0), qkv.stride(1), sr_b, res.stride(1), *spe,
+                   dqkv.stride(0), dqkv.stride(1), dres.stride(0), dres.stride(1),
+                   *dq.stride(), *dk.stride(), *dv.stride(), H, L, K_rows, D, eps,
+                   HAS_RES=has_res, HAS_PE=pe is not None, BLOCK_L=BLOCK_L, BLOCK_D=BD, num_warps=4)
+        d_residual = d_alpha_out = None
+        if has_res:
+            d_residual = dres.sum(0, keepdim=True) if residual.shape[0] == 1 else dres
+            d_residual = d_residual.to(residual.dtype)
+            d_alpha_out = d_alpha.sum().reshape(alpha.shape).to(alpha.dtype)
+        dwq, dwk = dwq[:, :D].sum(0).to(q_scale.dtype), dwk[:, :D].sum(0).to(k_scale.dtype)
+        return dqkv, dwq, dwk, None, d_residual, d_alpha_out, None, None
+
+
+def qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual=None, alpha=None, eps=1e-6):
+    """qkv [B, L, 3*H*D] -> q, k, v [B, H, L, D]: prompt residual, per-head QK RMSNorm, RoPE."""
+    return QKVPrologue.apply(qkv, q_scale, k_scale, pe, residual, alpha, num_heads, eps)

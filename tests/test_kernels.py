@@ -1,0 +1,223 @@
+"""The Triton kernels against the PyTorch reference (kernels/reference.py), forward and backward.
+
+Without a GPU the kernels run in the Triton interpreter (conftest.py sets TRITON_INTERPRET=1), so
+shapes are small. Lengths are ragged on purpose (not multiples of any tile); outputs are poisoned
+with NaN before each call (MINIRESTORE_KERNELS_POISON=1) so an element a kernel forgets fails. Low
+precision runs are compared with the fp32 reference on the same (rounded) inputs. The interpreter
+cannot do bf16 dots (triton issue 11584): bf16 runs only on a GPU.
+"""
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from minirestore import UserError
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 in the interpreter is exact numpy arithmetic; on a GPU exp2 is approximate.
+TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+FP16 = torch.float16
+
+
+def bf16(*case):
+    return pytest.param(torch.bfloat16, *case, marks=pytest.mark.skipif(DEVICE == "cpu", reason="bf16 dots need a GPU"))
+
+
+@pytest.fixture(autouse=True)
+def triton_mode(monkeypatch):
+    monkeypatch.setenv("MINIRESTORE_KERNELS", "triton")
+    monkeypatch.setenv("MINIRESTORE_KERNELS_POISON", "1")
+
+
+def assert_close(name, got, want, tol):
+    """Max abs error within tol of the reference's scale (at least 1: inputs are unit normal)."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got = got.float()
+    assert not torch.isnan(got).any(), f"{name}: NaN (an element was never written)"
+    err = (got - want).abs().max().item()
+    scale = max(want.abs().max().item(), 1.0)
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def leaves(dtype, *shapes):
+    return [torch.randn(s, device=DEVICE).to(dtype).requires_grad_() for s in shapes]
+
+
+def as_fp32(xs):
+    return [x.detach().float().requires_grad_() for x in xs]
+
+
+def check(fn, ref, xs, tol, names):
+    """fn(*xs) forward and backward vs ref on the fp32 copies, with a random output gradient."""
+    out = fn(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    grads_out = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, xs, grads_out)
+    xf = as_fp32(xs)
+    ref_out = ref(*xf)
+    ref_outs = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    ref_grads = torch.autograd.grad(ref_outs, xf, [g.float() for g in grads_out])
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.dtype == xs[0].dtype, f"out{i}: dtype {o.dtype}"
+        assert_close(f"out{i}", o, r, tol)
+    for name, g, r in zip(names, grads, ref_grads):
+        assert_close(f"d{name}", g, r, tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flash attention
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,B,H,Lq,Lk,D", [
+    (torch.float32, 2, 2, 77, 1, 64),
+    (torch.float32, 1, 2, 130, 226, 128),
+    (torch.float32, 2, 1, 257, 300, 16),
+    (torch.float32, 1, 2, 45, 70, 40),  # head dim not a power of two: masked channels
+    (FP16, 2, 2, 77, 226, 64),
+    (FP16, 1, 1, 130, 300, 128),
+    (FP16, 1, 2, 257, 1, 32),
+    bf16(1, 2, 257, 300, 128),
+])
+def test_attention(dtype, B, H, Lq, Lk, D):
+    torch.manual_seed(Lq + Lk + D)
+    xs = leaves(dtype, (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D))
+    check(kernels.attention, reference.attention, xs, TOL[dtype], "qkv")
+
+
+def test_attention_strided_inputs():
+    """q, k, v as the [B, L, H, D] -> [B, H, L, D] views the models pass (strides go to the kernel)."""
+    torch.manual_seed(0)
+    B, H, L, D = 2, 3, 50, 32
+    qkv = torch.randn(B, L, 3, H, D, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, D], non-contiguous
+    out = kernels.attention(q, k, v)
+    (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    ref_qkv = qkv.detach().clone().requires_grad_()
+    ref = reference.attention(*ref_qkv.permute(2, 0, 3, 1, 4))
+    (ref_grad,) = torch.autograd.grad(ref, ref_qkv, torch.ones_like(ref))
+    assert_close("out", out, ref, 1e-5)
+    assert_close("dqkv", grad, ref_grad, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompted (two-context) attention
+# ---------------------------------------------------------------------------------------------
+# fp16 with Lk = 1 is left out: there dK is zero in exact arithmetic and its computed value is the
+# rounding of the stored output o = o_b + alpha o_p in delta = rowsum(dO o), as in FlashAttention-2.
+@pytest.mark.parametrize("dtype,B,H,Lq,Lk,Lk_p,D,alpha", [
+    (torch.float32, 2, 2, 77, 1, 226, 64, 0.7),
+    (torch.float32, 1, 2, 130, 226, 300, 128, -1.3),
+    (torch.float32, 2, 1, 257, 300, 77, 16, 0.0),
+    (FP16, 2, 2, 77, 226, 1, 64, -0.4),
+    (FP16, 1, 2, 130, 300, 226, 128, 1.5),
+    (FP16, 1, 1, 257, 77, 130, 32, 0.0),
+    bf16(1, 2, 257, 226, 300, 128, 0.8),
+])
+def test_prompted_attention(dtype, B, H, Lq, Lk, Lk_p, D, alpha):
+    torch.manual_seed(Lq + Lk + Lk_p + D)
+    xs = leaves(dtype, (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), (B, H, Lk_p, D), (B, H, Lk_p, D))
+    a = torch.tensor(alpha, device=DEVICE, requires_grad=True)  # the gate stays fp32, like alpha_l
+    check(kernels.prompted_attention, reference.prompted_attention, xs + [a], TOL[dtype],
+          ["q", "k", "v", "k_p", "v_p", "alpha"])
+
+
+def test_prompted_attention_without_grad():
+    """Sampling path: no o_p written, same output."""
+    torch.manual_seed(1)
+    xs = [torch.randn(1, 2, L, 64, device=DEVICE) for L in (70, 33, 33, 90, 90)]
+    a = torch.tensor(-0.6, device=DEVICE)
+    with torch.no_grad():
+        out = kernels.prompted_attention(*xs, a)
+    assert_close("out", out, reference.prompted_attention(*xs, a), TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------
+# qkv prologue: prompt residual, QK RMSNorm, RoPE
+# ---------------------------------------------------------------------------------------------
+def pe_table(batch, L, D):
+    """Random rotations in the layout of minirestore.flux.rope: [batch, 1, L, D/2, 2, 2]."""
+    angle = 3 * torch.randn(batch, 1, L, D // 2, device=DEVICE)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([cos, -sin, sin, cos], -1).reshape(batch, 1, L, D // 2, 2, 2)
+
+
+@pytest.mark.parametrize("dtype,B,H,L,D,K,res_batch,pe_batch,alpha,extra_cols", [
+    (torch.float32, 2, 2, 77, 64, 20, 1, 1, 0.7, 0),  # shared prompt residual, batch 2
+    (torch.float32, 1, 3, 40, 128, 40, 1, 1, -1.3, 17),  # single block: qkv a view of a wider linear1
+    (torch.float32, 2, 2, 50, 16, 0, 0, 2, 0.0, 0),  # no residual (image stream), per-sample pe
+    (torch.float32, 2, 1, 33, 32, 9, 2, 0, 0.0, 5),  # per-sample residual, alpha 0, no RoPE
+    (FP16, 2, 2, 77, 64, 20, 1, 1, 0.7, 0),
+    (FP16, 2, 3, 40, 128, 33, 1, 2, -1.3, 17),
+    bf16(1, 4, 130, 128, 60, 1, 1, 0.5, 0),
+])
+def test_qkv_prologue(dtype, B, H, L, D, K, res_batch, pe_batch, alpha, extra_cols):
+    torch.manual_seed(L + D + K)
+    C = 3 * H * D
+    wide = torch.randn(B, L, C + extra_cols, device=DEVICE).to(dtype).requires_grad_()
+    pe = pe_table(pe_batch, L, D) if pe_batch else None
+    xs = [wide, (torch.rand(D, device=DEVICE) + 0.5).requires_grad_(), (torch.rand(D, device=DEVICE) + 0.5).requires_grad_()]
+    names = ["qkv", "q_scale", "k_scale"]
+    if res_batch:
+        xs += [torch.randn(res_batch, K, C, device=DEVICE, requires_grad=True),
+               torch.tensor(alpha, device=DEVICE, requires_grad=True)]
+        names += ["residual", "alpha"]
+
+    def run(fn):
+        return lambda w, qs, ks, *ra: fn(w[..., :C], qs, ks, pe, H, *ra)
+
+    check(run(kernels.qkv_prologue), run(reference.qkv_prologue), xs, TOL[dtype], names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+def test_dispatch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "attention", lambda q, k, v: calls.append("reference") or q)
+    q = torch.randn(1, 1, 8, 16, device=DEVICE)
+    kernels.attention(q, q, q)  # forced triton (fixture)
+    assert calls == []
+    monkeypatch.setenv("MINIRESTORE_KERNELS", "torch")  # read at every call
+    kernels.attention(q, q, q)
+    assert calls == ["reference"]
+    monkeypatch.setenv("MINIRESTORE_KERNELS", "auto")
+    kernels.attention(q, q, q)
+    assert calls == ["reference"] * (1 if q.is_cuda else 2)
+    monkeypatch.setenv("MINIRESTORE_KERNELS", "fast")
+    with pytest.raises(UserError, match="MINIRESTORE_KERNELS"):
+        kernels.attention(q, q, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole tiny FLUX through the kernels
+# ---------------------------------------------------------------------------------------------
+def test_tiny_flux_forward_and_prompt_gradient_match_reference(monkeypatch):
+    """Forward and backward to the prompt (P and every alpha_l) with MINIRESTORE_KERNELS=triton vs torch."""
+    flux = pytest.importorskip("minirestore.flux")
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    B, L_txt, K, L_img, hidden, depth, single = 2, 7, 5, 12, 64, 2, 2
+    cfg = flux.FluxConfig(in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=24, hidden_size=hidden,
+                          num_heads=4, depth=depth, depth_single_blocks=single, axes_dim=[4, 6, 6])
+    model = flux.Flux(cfg).to(DEVICE).requires_grad_(False)
+    with torch.no_grad():  # random everywhere: default initialisers leave zeros that hide bugs
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith(".scale") else 0.1 * torch.randn_like(p))
+    x = dict(img=torch.randn(B, L_img, 16), img_ids=torch.randint(0, 6, (B, L_img, 3)).float(),
+             txt=torch.randn(B, L_txt, 24), txt_ids=torch.zeros(B, L_txt, 3), timesteps=torch.rand(B),
+             y=torch.randn(B, 8), guidance=torch.full((B,), 3.5))
+    x = {k: v.to(DEVICE) for k, v in x.items()}
+    P = 0.5 * torch.randn(1, K, hidden, device=DEVICE)
+    alpha = torch.tensor([0.8, -0.5, 0.0, 1.2], device=DEVICE)
+    w = torch.randn(B, L_img, 16, device=DEVICE)
+
+    def run(mode):
+        monkeypatch.setenv("MINIRESTORE_KERNELS", mode)
+        prompt = SimpleNamespace(prompt=P.clone().requires_grad_(), alpha=alpha.clone().requires_grad_())
+        out = model(**x, prompt=prompt)
+        (out * w).sum().backward()
+        return out.detach(), prompt.prompt.grad, prompt.alpha.grad
+
+    for name, got, want in zip(["out", "dP", "dalpha"], run("triton"), run("torch")):
+        assert_close(name, got, want, 1e-5 if DEVICE == "cpu" else 1e-4)
