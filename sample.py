@@ -2,11 +2,14 @@
 
     python sample.py input.png                      -> input_restored.png beside it
     python sample.py photos/ --prompt haze.safetensors --prompt snow.safetensors --out restored/
+    python sample.py clip.mp4 --model wan2.1-t2v-1.3b --prompt wan_haze.safetensors   -> clip_restored.mp4
 
 The degraded image is encoded to Y, noised to level T0, X = (1 - T0) Y + T0 eps, and walked back
 to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampler, 20 steps by
 default). Several --prompt files restore mixed degradations: their velocities are averaged at every
-step. Outputs keep the input's size and mode and never overwrite an input.
+step. Outputs keep the input's size and mode and never overwrite an input. With a Wan backbone a
+video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps kept);
+with FLUX a folder is a set of images.
 """
 import argparse
 import sys
@@ -16,17 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from minirestore import UserError
-from minirestore.backbone import load_backbone
+from minirestore.backbone import is_wan, load_backbone
 from minirestore.bridge import Bridge, averaged
 from minirestore.data import list_images, load_image, save_image
 from minirestore.distributed import barrier, close, init
 from minirestore.prompts import load_prompt
+from minirestore.video import VIDEO_SUFFIXES, read_video, to_4k1, write_video
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", help="images or folders of images")
     p.add_argument("--model", default="flux-dev", help="backbone: a model name or a backbone folder")
+    p.add_argument("--video", action="store_true", help="treat folders as clips of frames (the default with Wan)")
     p.add_argument("--prompt", action="append", help="prompt file (repeat for mixed degradations; default: "
                    "weights/<model>-<degradation>.safetensors)")
     p.add_argument("--degradation", default="noise", help="which default prompt to use when --prompt is not given")
@@ -47,23 +52,48 @@ def parse_args(argv=None):
 
 
 def output_path(src, out_dir, suffix):
-    dst = (Path(out_dir) if out_dir else src.parent) / f"{src.stem}{suffix}{src.suffix}"
+    name = f"{src.name}{suffix}" if src.is_dir() else f"{src.stem}{suffix}{src.suffix}"  # frame folders too
+    dst = (Path(out_dir) if out_dir else src.parent) / name
     if dst.resolve() == src.resolve():
         raise UserError(f"{src}: the output would overwrite the input; pass another --out or --suffix")
     return dst
 
 
-def restore(backbone, prompts, bridge, image, steps, seed):
-    """image [3, H, W] in [0, 1] -> restored [3, H, W]: pad to the backbone's multiple, sample, crop back."""
-    H, W = image.shape[-2:]
+def collect(inputs, clips):
+    """Inputs -> [(kind, path)]: video files are clips; folders are clips when `clips`, else sets of images."""
+    jobs = []
+    for src in map(Path, inputs):
+        if src.suffix.lower() in VIDEO_SUFFIXES or (clips and src.is_dir()):
+            if not src.exists():
+                raise UserError(f"{src}: no such file or folder")
+            jobs.append(("clip", src))
+        else:
+            jobs += [("image", f) for f in list_images(src)]
+    return jobs
+
+
+def read(kind, src):
+    """-> (tensor, info): an image [3, H, W] with its mode, or a clip [T, 3, H, W] with its fps."""
+    return load_image(src) if kind == "image" else read_video(src)
+
+
+def restore(backbone, prompts, bridge, x, steps, seed):
+    """x: an image [3, H, W] or a clip [T, 3, H, W] in [0, 1] -> restored, same shape.
+
+    Pad the sides to the backbone's multiple (and a clip to 4k+1 frames), sample, crop back."""
+    clip = x.dim() == 4
+    H, W = x.shape[-2:]
+    if clip:
+        T = x.shape[0]
+        x = to_4k1(x).permute(1, 0, 2, 3)  # [3, T', H, W]
     m = backbone.multiple
-    pad = (0, (-W) % m, 0, (-H) % m)
-    x = F.pad(image[None], pad, mode="replicate")
+    pad = (0, (-W) % m, 0, (-H) % m) + ((0, 0) if clip else ())  # replicate-pad the sides (not the frames)
+    x = F.pad(x[None], pad, mode="replicate")
     Y = backbone.encode(x)
     g = torch.Generator().manual_seed(seed)
     fns = [lambda x_, tau, bank=bank: backbone.velocity(x_, tau, bank) for bank in prompts]
-    x0 = bridge.sample(averaged(fns), Y, steps, generator=g)
-    return backbone.decode(x0)[0, :, :H, :W].cpu()
+    out = backbone.decode(bridge.sample(averaged(fns), Y, steps, generator=g))[0, ..., :H, :W].cpu()
+    return out.permute(1, 0, 2, 3)[:T] if clip else out
 
 
 def main(argv=None):
@@ -72,17 +102,17 @@ def main(argv=None):
     args.device = world.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    files = list_images(args.inputs)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [(src, output_path(src, args.out, args.suffix)) for src in files]
-    outputs = [dst for _, dst in jobs]
+    jobs = [(kind, src, output_path(src, args.out, args.suffix))
+            for kind, src in collect(args.inputs, args.video or is_wan(args.model))]
+    outputs = [dst for *_, dst in jobs]
     if len(set(outputs)) < len(outputs):
         raise UserError("two inputs would write the same output (same name in different folders): pass them separately")
-    for src in files:  # refuse bad inputs before any work, so nothing is half done
-        image, _ = load_image(src)
-        if max(image.shape[-2:]) > args.max_size:
-            raise UserError(f"{src} is {image.shape[-1]}x{image.shape[-2]}, larger than --max-size {args.max_size}: "
+    for kind, src, _ in jobs:  # refuse bad inputs before any work, so nothing is half done
+        x, _ = read(kind, src)
+        if max(x.shape[-2:]) > args.max_size:
+            raise UserError(f"{src} is {x.shape[-1]}x{x.shape[-2]}, larger than --max-size {args.max_size}: "
                             "resize it or raise --max-size")
 
     backbone = load_backbone(args.model, args.device, dtype)
@@ -98,10 +128,15 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     mine = jobs[world.rank::world.size]  # every output is written by exactly one process
-    for src, dst in tqdm(mine, desc="restoring", unit="image", disable=len(mine) < 2 or not world.main):
-        image, info = load_image(src)
-        restored = restore(backbone, prompts, bridge, image, args.steps, args.seed)
-        save_image(restored, dst, info)
+    if backbone.kind == "flux" and any(kind == "clip" for kind, *_ in jobs):
+        raise UserError(f"{backbone.name} restores images; videos need a Wan backbone (--model wan2.1-t2v-1.3b)")
+    for kind, src, dst in tqdm(mine, desc="restoring", unit="input", disable=len(mine) < 2 or not world.main):
+        x, info = read(kind, src)
+        restored = restore(backbone, prompts, bridge, x, args.steps, args.seed)
+        if kind == "image":
+            save_image(restored, dst, info)
+        else:
+            write_video(restored, dst, fps=info)
         print(f"{src} -> {dst}")
     barrier(world)
     close(world)

@@ -1,15 +1,22 @@
 """The frozen backbone as the method sees it: images <-> latents, and a velocity with a prompt.
 
 The method (bridge.py, train.py, sample.py) needs four things from a pre-trained diffusion model:
-  encode(images) -> latents X0 / Y        the frozen VAE (fp32, as the released code keeps it)
+  encode(images) -> latents X0 / Y        the frozen codec (VAE in fp32, as the released code keeps it)
   decode(latents) -> images
-  velocity(x, tau, prompt) -> v           the frozen transformer at its own time tau, conditioned on
-                                          the cached empty-prompt context, with the learned prompt added
+  velocity(x, tau, prompt) -> v           the frozen transformer at its own time tau in [0, 1],
+                                          conditioned on the cached empty-prompt context, with the
+                                          learned prompt added
   new_prompt() -> PromptBank              P [1, K, D] and one alpha per block, sized for this backbone
-`load_backbone` builds one from a Hub model name (e.g. "flux-dev") or a local folder holding
-`flux.safetensors` (BFL keys), `ae.safetensors` and `context.safetensors` (`txt`, `y`).
+Two families sit behind it:
+  FLUX.1  latents [B, 16, H/8, W/8] (or the tiny model's pixel codec), packed into 2x2 tokens;
+          context {"txt", "y"}; guidance 1.0 for the guidance-distilled dev model (paper.md 2).
+  Wan 2.1 latents [B, 16, 1 + (F-1)/4, H/8, W/8] (an image is a clip of one frame); context
+          {"context"}; the model reads time on its 0..1000 scale.
+`load_backbone` builds one from a model name or a local folder holding the transformer
+(`flux.safetensors` or `wan.safetensors`), the codec (`ae.safetensors` / `vae.safetensors`, none for
+the pixel codec) and `context.safetensors`.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,15 +25,20 @@ from . import UserError, hub
 from .prompts import PromptBank
 
 FLUX_MODELS = ("flux-dev", "flux-schnell")
+WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+WAN_CONTEXT_LENGTH = 226  # the released Wan prompts are [1, 226, 1536]; the official pipeline pads to 512
+TINY_DIR = Path(__file__).resolve().parents[1] / "weights" / "tiny"
 
 
 @dataclass
 class Backbone:
     name: str                # written into prompt files; prompts only load on the backbone they were trained on
+    kind: str                # "flux" or "wan"
     model: torch.nn.Module   # frozen transformer
-    vae: torch.nn.Module     # frozen autoencoder
-    context: dict            # the empty-prompt context: FLUX {"txt": [1, K, 4096], "y": [1, 768]}
-    multiple: int = 16       # image sides must be multiples of this (8x VAE, then 2x2 patches)
+    vae: torch.nn.Module     # frozen codec: encode(x in [-1, 1]) -> z, decode(z) -> x
+    context: dict            # the empty-prompt context (FLUX: txt, y; Wan: context)
+    multiple: int = 16       # image sides must be multiples of this (codec downsampling, then 2x2 patches)
+    _wan_context: object = field(default=None, repr=False)
 
     @property
     def device(self):
@@ -38,34 +50,44 @@ class Backbone:
 
     @property
     def K(self):
-        return self.context["txt"].shape[1]
+        return (self.context["txt"] if self.kind == "flux" else self.context["context"]).shape[1]
 
     @property
     def D(self):
-        return self.model.config.hidden_size
+        return self.model.config.hidden_size if self.kind == "flux" else self.model.config.dim
 
     @property
     def n_blocks(self):
-        return self.model.config.depth + self.model.config.depth_single_blocks
+        c = self.model.config
+        return c.depth + c.depth_single_blocks if self.kind == "flux" else c.num_layers
 
     def new_prompt(self, generator=None):
         return PromptBank(self.K, self.D, self.n_blocks, generator=generator).to(self.device)
 
     @torch.no_grad()
     def encode(self, images):
-        """Images [B, 3, H, W] in [0, 1] -> latents [B, 16, H/8, W/8] (fp32)."""
-        return self.vae.encode(images.to(self.device, torch.float32) * 2 - 1).float()
+        """Images [B, 3, H, W] (or Wan clips [B, 3, F, H, W]) in [0, 1] -> latents (fp32)."""
+        x = images.to(self.device, torch.float32) * 2 - 1
+        if self.kind == "wan" and x.dim() == 4:
+            x = x[:, :, None]  # an image is a clip of one frame
+        return self.vae.encode(x).float()
 
     @torch.no_grad()
     def decode(self, latents):
-        """Latents -> images in [0, 1] (fp32, clamped)."""
-        return ((self.vae.decode(latents.to(self.device, torch.float32)).float() + 1) / 2).clamp(0, 1)
+        """Latents -> images [B, 3, H, W] (a one-frame Wan clip comes back as an image) or clips, in [0, 1]."""
+        x = self.vae.decode(latents.to(self.device, torch.float32)).float()
+        if self.kind == "wan" and x.shape[2] == 1:
+            x = x[:, :, 0]
+        return ((x + 1) / 2).clamp(0, 1)
 
     def velocity(self, x, tau, prompt=None):
-        """v = F(x, tau) for latents x [B, 16, h, w] and model times tau [B] in [0, 1]; fp32 out.
-
-        FLUX-dev is guidance-distilled: the released code feeds guidance 1.0 (paper.md 2), no CFG.
-        """
+        """v = F(x, tau) for latents x and model times tau [B] in [0, 1]; fp32 out, x's shape."""
+        if self.kind == "wan":
+            if self._wan_context is None:  # the base keys/values of the constant null context, once
+                with torch.no_grad():
+                    self._wan_context = self.model.precompute_context(self.context["context"].to(self.device))
+            # The released code feeds the nearest of 1000 scheduler timesteps; tau x 1000 is that, unrounded.
+            return self.model(x.to(self.device), tau.to(self.device).float() * 1000, self._wan_context, prompt).float()
         from .flux import pack, prepare_ids, unpack
 
         B, _, h, w = x.shape
@@ -78,36 +100,76 @@ class Backbone:
         return unpack(v.float(), h, w)
 
 
-def load_backbone(source, device="cpu", dtype=torch.float32):
-    """A Hub model name ("flux-dev", "flux-schnell") or a local backbone folder -> Backbone."""
-    folder = Path(str(source)).expanduser()
-    if folder.is_dir():
-        files = {n: folder / f"{n}.safetensors" for n in ("flux", "ae", "context")}
-        missing = [str(f) for f in files.values() if not f.exists()]
-        if missing:
-            raise UserError(f"{folder} is not a backbone folder: missing {', '.join(missing)} "
-                            "(a backbone folder holds flux.safetensors, ae.safetensors and context.safetensors)")
-        from .context import load_context
+def _load_folder(folder, device, dtype):
+    from .context import load_context
 
-        context, meta = load_context(files["context"])
-        if set(context) != {"txt", "y"}:
-            raise UserError(f"{files['context']} must hold `txt` and `y`, it holds {', '.join(sorted(context))}")
-        model = hub.load_flux(files["flux"], device=device, dtype=dtype)
-        vae = hub.load_autoencoder(files["ae"], device=device, dtype=torch.float32)
-        name = meta.get("backbone") or folder.name
+    ctx_file = folder / "context.safetensors"
+    if not ctx_file.exists():
+        raise UserError(f"{folder} is not a backbone folder: it has no context.safetensors (a backbone folder "
+                        "holds flux.safetensors or wan.safetensors, its codec and context.safetensors)")
+    context, meta = load_context(ctx_file)
+    name = meta.get("backbone") or folder.name
+    if (folder / "flux.safetensors").exists():
+        model = hub.load_flux(folder / "flux.safetensors", device=device, dtype=dtype)
+        if (folder / "ae.safetensors").exists():
+            vae = hub.load_autoencoder(folder / "ae.safetensors", device=device, dtype=torch.float32)
+        elif meta.get("codec") == "pixel2":
+            from .tiny import PixelCodec
+
+            vae = PixelCodec().to(device)
+        else:
+            raise UserError(f"{folder} has no ae.safetensors and its context names no pixel codec")
+        return "flux", name, model, vae, context
+    if (folder / "wan.safetensors").exists():
+        model = hub.load_wan(folder / "wan.safetensors", device=device, dtype=dtype)
+        vae_file = next((f for f in (folder / "vae.safetensors", folder / "Wan2.1_VAE.pth") if f.exists()), None)
+        if vae_file is None:
+            raise UserError(f"{folder} has wan.safetensors but no vae.safetensors")
+        return "wan", name, model, hub.load_wan_vae(vae_file, device=device, dtype=torch.float32), context
+    raise UserError(f"{folder} is not a backbone folder: it has neither flux.safetensors nor wan.safetensors")
+
+
+def is_wan(source):
+    """Whether a model name or folder is a Wan backbone (read from names only; loads nothing)."""
+    return str(source) in WAN_MODELS or (Path(str(source)).expanduser() / "wan.safetensors").exists()
+
+
+def load_backbone(source, device="cpu", dtype=torch.float32):
+    """A model name ("tiny", "flux-dev", "flux-schnell", "wan2.1-t2v-1.3b", ...) or a backbone folder."""
+    folder = TINY_DIR if str(source) == "tiny" else Path(str(source)).expanduser()
+    if folder.is_dir():
+        kind, name, model, vae, context = _load_folder(folder, device, dtype)
+    elif str(source) == "tiny":
+        raise UserError(f"the tiny default backbone is not in {TINY_DIR}: reproduce it with "
+                        "`python -m minirestore.pretrain` or check out the repository's weights/")
     elif str(source) in FLUX_MODELS:
         from .context import base_context
 
-        context = base_context(str(source))
-        model = hub.load_flux(str(source), device=device, dtype=dtype)
-        vae = hub.load_autoencoder(str(source), device=device, dtype=torch.float32)
-        name = str(source)
+        kind, name = "flux", str(source)
+        context = base_context(name)
+        model = hub.load_flux(name, device=device, dtype=dtype)
+        vae = hub.load_autoencoder(name, device=device, dtype=torch.float32)
+    elif str(source) in WAN_MODELS:
+        from .context import base_context
+
+        kind, name = "wan", str(source)
+        context = base_context(name, length=WAN_CONTEXT_LENGTH)
+        model = hub.load_wan(name, device=device, dtype=dtype)
+        vae = hub.load_wan_vae(name, device=device, dtype=torch.float32)
     else:
         raise UserError(f"{source}: not a backbone folder and not a known model "
-                        f"(known: {', '.join(FLUX_MODELS)})")
+                        f"(known: tiny, {', '.join(FLUX_MODELS + WAN_MODELS)})")
     context = {k: v.to(device) for k, v in context.items()}
-    if context["txt"].shape[-1] != model.config.context_in_dim or context["y"].shape[-1] != model.config.vec_in_dim:
-        raise UserError(f"the context of {source} ({list(context['txt'].shape)}, {list(context['y'].shape)}) does "
-                        "not fit its transformer: rebuild it from the matching text encoders")
-    multiple = 2 ** (len(vae.config.ch_mult) - 1) * 2  # VAE downsampling, then 2x2 patches
-    return Backbone(name=name, model=model, vae=vae, context=context, multiple=multiple)
+    if kind == "flux":
+        c = model.config
+        if set(context) != {"txt", "y"}:
+            raise UserError(f"the context of {source} must hold `txt` and `y`, it holds {', '.join(sorted(context))}")
+        if context["txt"].shape[-1] != c.context_in_dim or context["y"].shape[-1] != c.vec_in_dim:
+            raise UserError(f"the context of {source} ({list(context['txt'].shape)}, {list(context['y'].shape)}) "
+                            "does not fit its transformer: rebuild it from the matching text encoders")
+        multiple = vae.downsample_factor * 2  # codec downsampling, then 2x2 patches
+    else:
+        if set(context) != {"context"} or context["context"].shape[-1] != model.config.text_dim:
+            raise UserError(f"the context of {source} must hold `context` [1, L, {model.config.text_dim}]")
+        multiple = vae.config.spatial_factor * model.config.patch_size[1]
+    return Backbone(name=name, kind=kind, model=model, vae=vae, context=context, multiple=multiple)
