@@ -25,14 +25,15 @@ import torch
 from minirestore import UserError
 from minirestore.backbone import load_backbone
 from minirestore.bridge import KINDS, Bridge
-from minirestore.data import CleanFolder, PairedFolder, save_image, split
+from minirestore.data import CleanFolder, ClipFolder, PairedFolder, is_clip_folder, parse_resolution, save_image, split
 from minirestore.degrade import parse
 from minirestore.distributed import average_gradients, barrier, close, init, sum_across
 from minirestore.metrics import psnr, ssim
 from minirestore.prompts import save_prompt
 
-DEFAULTS = {  # per backbone: resolution, steps, lr
+DEFAULTS = {  # per backbone family: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
     "flux": dict(resolution=512, steps=3000, lr=2e-3),
+    "wan": dict(resolution=(480, 832), steps=3000, lr=2e-3),  # clips of --frames 33, as in the paper
 }
 
 
@@ -46,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--pow", type=float, default=1.0, help="time-sampling skew p in t = t_min + (T0 - t_min) u^p")
     p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
     p.add_argument("--data", help="a folder of clean images (degraded on the fly) or a paired folder with clean/ and degraded/")
-    p.add_argument("--resolution", type=int, help="training crop size in pixels (default: 512 for FLUX)")
+    p.add_argument("--resolution", type=parse_resolution,
+                   help="training crop: 512 or height x width like 480x832 (default: 512 for FLUX, 480x832 for Wan)")
+    p.add_argument("--frames", type=int, default=33, help="frames per training clip (Wan, clip data; 4k+1)")
     p.add_argument("--steps", type=int, help="optimiser steps (default: 3000 for FLUX)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lr", type=float, help="AdamW learning rate for P and alpha (default: 2e-3)")
@@ -64,7 +67,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.t0 <= 1:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
-    for flag in ("steps", "batch_size", "resolution", "val_count", "val_steps"):
+    for flag in ("steps", "batch_size", "val_count", "val_steps", "frames"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
@@ -117,8 +120,12 @@ def validate(backbone, bank, bridge, val_set, steps, seed, world):
             losses.append(bridge.loss(bridge.x0_from_velocity(x_t, t.item(), backbone.velocity(x_t, tau, bank)), X0).item())
         restored = backbone.decode(bridge.sample(lambda x, tau: backbone.velocity(x, tau, bank), Y, steps, generator=g))
         restored = restored.cpu()
-        scores.append((psnr(restored, clean).item(), ssim(restored, clean).item(), psnr(degraded, clean).item()))
-        rows.append(torch.cat([degraded[0], restored[0], clean[0]], dim=-1))
+        if clean.dim() == 5:  # a clip [1, 3, T, H, W]: score every frame, preview the middle one
+            restored, clean, degraded = (x[0].transpose(0, 1) for x in (restored, clean, degraded))
+        scores.append((psnr(restored, clean).mean().item(), ssim(restored, clean).mean().item(),
+                       psnr(degraded, clean).mean().item()))
+        mid = clean.shape[0] // 2
+        rows.append(torch.cat([degraded[mid], restored[mid], clean[mid]], dim=-1))
     sums = sum_across([sum(losses), len(losses), len(scores)] + [sum(s[k] for s in scores) for k in range(3)], world)
     loss_sum, n_loss, n, psnr_sum, ssim_sum, degraded_sum = sums
     metrics = {"val_loss": loss_sum / n_loss, "psnr": psnr_sum / n, "ssim": ssim_sum / n,
@@ -132,26 +139,30 @@ def main(argv=None):
     args.device = world.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    defaults = DEFAULTS["flux"]
-    resolution, steps, lr = (args.resolution or defaults["resolution"], args.steps or defaults["steps"],
-                             args.lr or defaults["lr"])
     bridge = Bridge(args.bridge, args.t0, args.t_min, args.pow)
     if args.data is None:
         raise UserError("pass --data: a folder of clean images, or a paired folder with clean/ and degraded/")
     data = Path(args.data)
     if not data.is_dir():
         raise UserError(f"--data {data}: no such folder")
+    backbone = load_backbone(args.model, args.device, dtype)
+    defaults = DEFAULTS[backbone.kind]
+    resolution, steps, lr = (args.resolution or defaults["resolution"], args.steps or defaults["steps"],
+                             args.lr or defaults["lr"])
+    if any(side % backbone.multiple for side in ((resolution,) * 2 if isinstance(resolution, int) else resolution)):
+        raise UserError(f"--resolution {resolution} must be a multiple of {backbone.multiple} for {backbone.name}")
     paired = (data / "clean").is_dir() and (data / "degraded").is_dir()
     degradation = "+".join(parse(args.degradation)) if not paired else args.degradation
-    dataset = (PairedFolder(data, resolution, seed=args.seed) if paired
-               else CleanFolder(data, degradation, resolution, seed=args.seed))
+    if is_clip_folder(data):
+        if backbone.kind != "wan":
+            raise UserError(f"{data} holds video clips; {backbone.name} trains on images (use a Wan backbone)")
+        dataset = ClipFolder(data, degradation, resolution, args.frames, seed=args.seed)
+    else:
+        dataset = (PairedFolder(data, resolution, seed=args.seed) if paired
+                   else CleanFolder(data, degradation, resolution, seed=args.seed))
     train_set, val_set = split(dataset, val_count=min(args.val_count, len(dataset) - 1), seed=args.seed)
     if len(val_set) < world.size:
         raise UserError(f"--val-count {len(val_set)} is smaller than the {world.size} processes: each needs one")
-
-    backbone = load_backbone(args.model, args.device, dtype)
-    if resolution % backbone.multiple:
-        raise UserError(f"--resolution {resolution} must be a multiple of {backbone.multiple} for {backbone.name}")
     if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and args.device.startswith("cuda")):
         backbone.model.gradient_checkpointing = True
     tag = f"{backbone.name}-{degradation}"
@@ -176,7 +187,7 @@ def main(argv=None):
         start = state["step"]
         print(f"resuming {ckpt_path} at step {start}")
     meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, T0=args.t0, t_min=args.t_min,
-                resolution=resolution, lr=lr, batch_size=args.batch_size, seed=args.seed)
+                resolution=resolution if isinstance(resolution, int) else "x".join(map(str, resolution)), lr=lr, batch_size=args.batch_size, seed=args.seed)
 
     def checkpoint(step):
         if not world.main:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import UserError
-from .degrade import degrade, parse
+from .degrade import degrade, degrade_clip, parse
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -162,6 +162,17 @@ def _size(resolution):
     return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
 
 
+def parse_resolution(text):
+    """'512' -> 512, '480x832' -> (480, 832) (height x width)."""
+    try:
+        parts = [int(p) for p in str(text).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts, default=0) < 1:
+        raise UserError(f"--resolution {text!r}: give a size in pixels, e.g. 512, or height x width, e.g. 480x832")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def _cover(imgs, size):
     """Scale images (same size) up, bicubically, until they cover `size` (h, w); larger ones stay as they are."""
     H, W = imgs[0].shape[-2:]
@@ -265,3 +276,86 @@ def split(dataset, val_fraction=None, val_count=None, seed=0):
     val_ds.train = False
     return (torch.utils.data.Subset(dataset, sorted(perm[val_count:])),
             torch.utils.data.Subset(val_ds, sorted(perm[:val_count])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Clips (Wan): items are {"clean": [3, T, h, w], "degraded": [3, T, h, w], "name": str}
+# ---------------------------------------------------------------------------------------------
+
+def list_clips(folder):
+    """The clips of a folder: video files (.mp4/.mov/.webm) and subfolders of frames, sorted by name."""
+    from .video import VIDEO_SUFFIXES
+
+    folder = Path(folder)
+    clips = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and
+                   (p.suffix.lower() in VIDEO_SUFFIXES or (p.is_dir() and any(q.suffix.lower() in IMAGE_EXTS
+                                                                               for q in p.iterdir()))))
+    if not clips:
+        raise UserError(f"{folder}: no clips in this folder (video files or subfolders of frames)")
+    return clips
+
+
+def is_clip_folder(folder):
+    """A clip dataset holds clips (or clean/ and degraded/ holding clips) rather than images."""
+    folder = Path(folder)
+    inner = folder / "clean" if (folder / "clean").is_dir() else folder
+    try:
+        return bool(list_clips(inner))
+    except UserError:
+        return False
+
+
+def crop_clip(clips, frames, resolution, train, generator=None):
+    """The same temporal window (`frames` consecutive frames; the start at random when training) and the
+    same spatial crop and flip for every clip in `clips` (tensors [T, 3, H, W] of one size) -> [3, frames, h, w]."""
+    T = clips[0].shape[0]
+    if T < frames:  # a short clip repeats its last frame, as sample.py pads to 4k+1
+        clips = [torch.cat([c, c[-1:].expand(frames - T, -1, -1, -1)]) for c in clips]
+        T = frames
+    start = int(torch.randint(0, T - frames + 1, (1,), generator=generator)) if train else 0
+    flat = [c[start:start + frames].flatten(0, 1) for c in clips]  # [frames * 3, H, W]: crop() works per channel
+    return [c.unflatten(0, (frames, 3)).transpose(0, 1) for c in crop(flat, resolution, train, generator)]
+
+
+class ClipFolder(torch.utils.data.Dataset):
+    """Clips for Wan: a folder of clips degraded on the fly (one blur kernel, haze map, ... per clip and fresh
+    noise per frame: `degrade_clip`), or `clean/` and `degraded/` with clips matched by name. Windows of
+    `frames` frames (4k+1; 33 in the paper) cropped to `resolution` (480x832 in the paper)."""
+
+    def __init__(self, folder, degradation, resolution=(480, 832), frames=33, train=True, seed=0):
+        from .video import read_video
+
+        if (frames - 1) % 4:
+            raise UserError(f"--frames {frames}: the Wan VAE needs 4k+1 frames (e.g. 17, 33, 81)")
+        folder = Path(folder)
+        self.paired = (folder / "clean").is_dir() and (folder / "degraded").is_dir()
+        if self.paired:
+            clean = {p.stem: p for p in list_clips(folder / "clean")}
+            degraded = {p.stem: p for p in list_clips(folder / "degraded")}
+            lonely = sorted(set(clean) ^ set(degraded))
+            if lonely:
+                raise UserError(f"{folder}: {len(lonely)} clips have no partner of the same name: {', '.join(lonely[:5])}")
+            self.items = [(clean[k], degraded[k]) for k in sorted(clean)]
+        else:
+            self.items = [(p, None) for p in list_clips(folder)]
+        self.degradation = None if self.paired else "+".join(parse(degradation))
+        self.read = read_video
+        self.resolution, self.frames, self.train, self.seed = resolution, frames, train, seed
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        g = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        clean_path, degraded_path = self.items[i]
+        clean = self.read(clean_path)[0]
+        if degraded_path is None:
+            clean = crop_clip([clean], self.frames, self.resolution, self.train, g)[0]
+            degraded = degrade_clip(clean.transpose(0, 1), self.degradation, g).transpose(0, 1)
+        else:
+            degraded = self.read(degraded_path)[0]
+            if degraded.shape != clean.shape:
+                raise UserError(f"{degraded_path}: {tuple(degraded.shape)} frames, its clean partner has "
+                                f"{tuple(clean.shape)}; paired clips must match")
+            clean, degraded = crop_clip([clean, degraded], self.frames, self.resolution, self.train, g)
+        return {"clean": clean, "degraded": degraded, "name": clean_path.stem}

@@ -111,3 +111,39 @@ def test_flux_refuses_clips(backbone_dir, tmp_path):
     save_prompt(PromptBank(6, 32, 2), tmp_path / "p.safetensors", backbone="test-flux")
     r = run("sample.py", tmp_path / "v.mp4", "--model", backbone_dir, "--prompt", tmp_path / "p.safetensors", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_train_on_clip_folder_with_wan(wan_dir, tmp_path):
+    """Clean clips (frame folders) degraded consistently across frames; 5-frame windows at 16x16."""
+    data = tmp_path / "clips"
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        d = data / f"clip{c}"
+        d.mkdir(parents=True)
+        base = rng.random((24, 28, 3))
+        for i in range(7):
+            frame = np.clip(np.roll(base, i, axis=1) * 0.8 + 0.1, 0, 1)
+            Image.fromarray((frame * 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+    r = run("train.py", "--model", wan_dir, "--data", data, "--degradation", "blur+noise", "--resolution", "16",
+            "--frames", "5", "--steps", "2", "--val-every", "0", "--val-count", "1", "--val-steps", "2",
+            "--out", tmp_path / "p.safetensors", "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert load_prompt(tmp_path / "p.safetensors").meta["degradation"] == "blur+noise"
+    assert (tmp_path / "run" / "preview-000002.png").exists()
+    r = run("train.py", "--model", wan_dir, "--data", data, "--frames", "6", "--steps", "1", cwd=tmp_path)
+    assert r.returncode != 0 and "4k+1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_clip_dataset_is_consistent_across_frames(tmp_path):
+    from minirestore.data import ClipFolder
+
+    d = tmp_path / "c" / "a"
+    d.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(d / f"{i}.png")
+    ds = ClipFolder(tmp_path / "c", "noise", resolution=8, frames=5, train=False)
+    item = ds[0]
+    assert item["clean"].shape == (3, 5, 8, 8) and item["degraded"].shape == (3, 5, 8, 8)
+    noise = item["degraded"] - item["clean"]
+    assert not torch.allclose(noise[:, 0], noise[:, 1])  # fresh noise per frame
+    assert torch.equal(ds[0]["degraded"], item["degraded"])  # validation items are fixed

@@ -1,0 +1,97 @@
+"""Smoke tests of the method and scaling benchmarks in their smallest CPU configurations.
+
+They check that each script runs end to end, prints its markdown table with the expected columns and
+rows, labels CPU numbers as such, and writes a results file only when asked (--write). Timings are
+not asserted (beyond being positive numbers): they depend on the machine.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minirestore import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def markdown_table(text, first_column):
+    """The rows of the table whose header starts with `first_column`, as lists of cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    assert set(rows[1][0]) == {"-"}, rows[1]  # the |---| separator
+    return rows[0], rows[2:]
+
+
+def load_method():
+    spec = importlib.util.spec_from_file_location("bench_method", ROOT / "benchmarks" / "method.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_method_benchmark_prints_both_modes_and_writes_nothing(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    r = run("method.py", "--model", "tiny", "--repeats", "1", "--warmup", "0", "--sample-steps", "2",
+            "--results", results, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    header, rows = markdown_table(r.stdout, "measurement")
+    assert header[:4] == ["measurement", "resolution", "mode", "attention path"]
+    assert header[4].startswith("seconds (median") and header[5] == "peak memory (MiB)"
+    assert [(row[0].split(" (")[0], row[2]) for row in rows] == [
+        ("train step", "fused"), ("train step", "released"), ("restore", "fused"), ("restore", "released")]
+    assert all(row[1] == "32x32" for row in rows)
+    assert all(float(row[4]) > 0 and float(row[5]) > 0 for row in rows)
+    assert "CPU smoke" in r.stdout and "not GPU results" in r.stdout
+    assert not results.exists()  # no --write, no file
+
+
+def test_method_benchmark_write_appends_a_labelled_section(tmp_path, monkeypatch):
+    method = load_method()
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# earlier results\n")
+    monkeypatch.setenv("MINIRESTORE_KERNELS", "auto")
+    argv = ["--model", "tiny", "--repeats", "1", "--warmup", "0", "--sample-steps", "1", "--sample-res", "16",
+            "--train-res", "16", "--write", "--results", str(results)]
+    monkeypatch.setattr(sys, "argv", ["benchmarks/method.py", *argv])
+    assert method.main(argv) == 0
+    text = results.read_text()
+    assert text.startswith("# earlier results\n")  # appended, not overwritten
+    assert "Method benchmark" in text and "torch " in text and "triton " in text
+    assert "CPU smoke run: not GPU results" in text and "--sample-res 16" in text
+    _, rows = markdown_table(text, "measurement")
+    assert len(rows) == 4 and rows[0][1] == "16x16"
+    assert os.environ["MINIRESTORE_KERNELS"] == "auto"  # each mode's setting is undone afterwards
+
+
+def test_method_benchmark_refuses_real_size_on_the_cpu():
+    method = load_method()
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        method.main(["--model", "flux-dev", "--device", "cpu"])
+    with pytest.raises(UserError, match="multiple of 16"):
+        method.main(["--model", "tiny", "--device", "cpu", "--train-res", "24", "--repeats", "1"])
+
+
+def test_scaling_benchmark_one_process(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    r = run("scaling.py", "--max-procs", "1", "--steps", "2", "--results", results, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    header, rows = markdown_table(r.stdout, "processes")
+    assert header[:6] == ["processes", "per-process batch", "global batch", "steps timed", "steps/s", "images/s"]
+    assert len(rows) == 1 and rows[0][:4] == ["1", "1", "1", "1"]
+    assert float(rows[0][4]) > 0 and float(rows[0][5]) == pytest.approx(float(rows[0][4]), rel=0.01)
+    assert "CPU smoke" in r.stdout
+    assert not results.exists()
+    assert list(tmp_path.iterdir()) == []  # runs, prompt files and the backbone live in a removed temp dir
