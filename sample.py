@@ -123,7 +123,8 @@ def main(argv=None):
     if len(kinds) > 1:
         raise UserError(f"the prompts were trained with different bridges ({', '.join(sorted(kinds))}); mix only one kind")
     T0 = args.t0 if args.t0 is not None else float(prompts[0].meta.get("T0", 0.4))
-    bridge = Bridge(kinds.pop(), T0, float(prompts[0].meta.get("t_min", 1e-4)))
+    meta = prompts[0].meta
+    bridge = Bridge(kinds.pop(), T0, float(meta.get("t_min", 1e-4)), sigma=float(meta.get("ddbm_sigma", 1.0)))
 
     from tqdm.auto import tqdm
 

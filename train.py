@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--t-min", type=float, default=1e-4, help="smallest bridge time")
     p.add_argument("--pow", type=float, default=1.0, help="time-sampling skew p in t = t_min + (T0 - t_min) u^p")
     p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
+    p.add_argument("--ddbm-sigma", type=float, default=1.0, help="noise scale of the ddbm baseline's Brownian bridge")
     p.add_argument("--data", help="a folder of clean images (degraded on the fly) or a paired folder with clean/ and degraded/")
     p.add_argument("--resolution", type=parse_resolution,
                    help="training crop: 512 or height x width like 480x832 (default: 512 for FLUX, 480x832 for Wan)")
@@ -139,7 +140,7 @@ def main(argv=None):
     args.device = world.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    bridge = Bridge(args.bridge, args.t0, args.t_min, args.pow)
+    bridge = Bridge(args.bridge, args.t0, args.t_min, args.pow, args.ddbm_sigma)
     if args.data is None:
         raise UserError("pass --data: a folder of clean images, or a paired folder with clean/ and degraded/")
     data = Path(args.data)
@@ -187,6 +188,7 @@ def main(argv=None):
         start = state["step"]
         print(f"resuming {ckpt_path} at step {start}")
     meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, T0=args.t0, t_min=args.t_min,
+                ddbm_sigma=args.ddbm_sigma,
                 resolution=resolution if isinstance(resolution, int) else "x".join(map(str, resolution)), lr=lr, batch_size=args.batch_size, seed=args.seed)
 
     def checkpoint(step):

@@ -147,3 +147,18 @@ def test_clip_dataset_is_consistent_across_frames(tmp_path):
     noise = item["degraded"] - item["clean"]
     assert not torch.allclose(noise[:, 0], noise[:, 1])  # fresh noise per frame
     assert torch.equal(ds[0]["degraded"], item["degraded"])  # validation items are fixed
+
+
+def test_sample_restores_an_mp4(wan_dir, tmp_path):
+    pytest.importorskip("av")
+    from minirestore.prompts import PromptBank, save_prompt
+    from minirestore.video import read_video, write_video
+
+    frames = torch.rand(5, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    write_video(frames, tmp_path / "clip.mp4", fps=10)
+    save_prompt(PromptBank(8, 32, 2), tmp_path / "p.safetensors", backbone="test-wan", T0=0.4)
+    r = run("sample.py", tmp_path / "clip.mp4", "--model", wan_dir, "--prompt", tmp_path / "p.safetensors",
+            "--steps", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out, fps = read_video(tmp_path / "clip_restored.mp4")
+    assert out.shape == (5, 3, 32, 48) and abs(fps - 10) < 1e-6
