@@ -128,3 +128,27 @@ def test_ebr_sampler_with_the_ideal_velocity_restores_exactly(backbone_dir):
     bridge = Bridge("ebr", 0.6)
     out = bridge.sample(lambda x, tau: (x - X0) / tau.view(-1, 1, 1, 1), Y, steps=5)
     torch.testing.assert_close(out, X0, atol=1e-4, rtol=1e-4)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(backbone_dir, images_dir, tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, str(ROOT / "train.py"), "--model", str(backbone_dir), "--data", str(images_dir),
+            "--resolution", "16", "--steps", "100000", "--val-every", "0", "--val-count", "1", "--val-steps", "1",
+            "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "p.safetensors")]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or log.read_text().count('"loss"') < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out and "--resume" in out
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert 3 <= state["step"] < 100000 and not (tmp_path / "p.safetensors").exists()
+    args[args.index("--steps") + 1] = str(state["step"] + 2)
+    r = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_prompt(tmp_path / "p.safetensors").meta["steps"] == str(state["step"] + 2)
