@@ -9,8 +9,10 @@ Rows (bf16, median of do_bench after warm-up, random data):
   prompted      Wan cross-attention Lq 32760 against Lk = Lk_p = 512 and 226, vs two SDPA calls plus the add
   prologue      FLUX stream B1 L4608 H24 D128 with a 512-row prompt residual, vs the eager PyTorch sequence
                 (kernels/reference.py) and a device-to-device copy of the same bytes (the bandwidth ceiling)
+  kv prologue   Wan 1.3B prompted cross-attention keys/values B1 L226 dim 1536 H12 (full-width RMSNorm of
+                k_raw + W_k P, v_raw + W_v P), vs the eager PyTorch sequence and a device copy of the same bytes
 FLOPs: attention forward 4 B H Lq Lk D, backward 2.5x forward (kernels.md). Prologue bytes: qkv and the
-residual read, q/k/v written, the RoPE table read.
+residual read, q/k/v written, the RoPE table read; kv prologue bytes: k_raw, v_raw, r_k, r_v read, k_p, v_p written.
 """
 import argparse
 import datetime
@@ -31,11 +33,13 @@ GPU_SHAPES = dict(
     attention=[("FLUX joint", 1, 24, 4608, 4608, 128), ("Wan self", 1, 12, 32760, 32760, 128)],
     prompted=[("Wan cross 512", 1, 12, 32760, 512, 128), ("Wan cross 226", 1, 12, 32760, 226, 128)],
     prologue=[("FLUX stream", 1, 24, 4608, 512, 128)],
+    kv_prologue=[("Wan 1.3B cross", 1, 12, 226, 1536)],
 )
 CPU_SHAPES = dict(
     attention=[("tiny self", 1, 2, 256, 256, 64)],
     prompted=[("tiny cross", 1, 2, 256, 77, 64)],
     prologue=[("tiny stream", 1, 2, 128, 32, 64)],
+    kv_prologue=[("tiny cross", 1, 2, 77, 96)],
 )
 
 
@@ -145,6 +149,29 @@ def prologue_rows(shapes, dtype, device, cuda):
     return rows
 
 
+def kv_prologue_rows(shapes, dtype, device, cuda):
+    rows = []
+    for name, B, H, L, C in shapes:
+        k_raw, v_raw = (torch.randn(B, L, C, device=device, dtype=dtype) for _ in range(2))
+        r_k, r_v = (0.1 * torch.randn(1, L, C, device=device, dtype=dtype) for _ in range(2))
+        k_scale = 1 + 0.1 * torch.randn(C, device=device)  # norm_k.weight is an fp32 island
+        size = k_raw.element_size()
+        moved = (4 * B + 2) * L * C * size  # read k_raw, v_raw, r_k, r_v; write k_p, v_p
+        args = (k_raw, v_raw, r_k, r_v, k_scale, H)
+        shape = f"{name} B{B} L{L} C{C} H{H}"
+        with torch.no_grad():
+            for impl, fn in ((ours("minirestore fused", cuda), kernels.kv_prologue),
+                             ("eager PyTorch", reference.kv_prologue)):
+                ms = try_bench(lambda fn=fn: fn(*args), cuda)
+                rows.append(("kv prologue fwd", shape, impl, ms, moved / ms / 1e6, "GB/s"))
+            src = torch.cat([k_raw, v_raw])
+            dst = torch.empty_like(src)
+            ms = try_bench(lambda: dst.copy_(src), cuda)
+            rows.append(("kv prologue fwd", shape, "device copy (ceiling)", ms,
+                         2 * src.numel() * size / ms / 1e6, "GB/s"))
+    return rows
+
+
 def ratios(rows):
     """Speed-up of the minirestore row of each (kernel, shape) over every other row."""
     out = []
@@ -183,8 +210,9 @@ def main():
     print(where)
     torch.manual_seed(0)
     rows = []
-    for kind, fn in (("attention", attention_rows), ("prompted", prompted_rows), ("prologue", prologue_rows)):
-        if args.only in (None, kind):
+    for kind, fn in (("attention", attention_rows), ("prompted", prompted_rows), ("prologue", prologue_rows),
+                     ("kv_prologue", kv_prologue_rows)):
+        if args.only in (None, kind.split("_")[-1]):  # --only prologue runs both prologues
             rows += fn(shapes[kind], dtype, device, cuda)
     lines = table(rows)
     print("\n".join(lines))

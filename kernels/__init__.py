@@ -1,4 +1,11 @@
-"""The one entry point for attention and its prologue.
+"""The one entry point for attention and its prologues.
+
+    attention(q, k, v)                                   softmax attention (FLUX, Wan self-attention)
+    prompted_attention(q, k, v, k_p, v_p, alpha)         Wan's prompted cross-attention, two contexts in one pass
+    qkv_prologue(qkv, q_scale, k_scale, pe, H, ...)      FLUX: fused qkv -> q, k, v (prompt residual, per-head
+                                                         QK RMSNorm, RoPE); double and single blocks
+    kv_prologue(k_raw, v_raw, r_k, r_v, k_scale, H, eps) Wan: cached k/v of the base context + the prompt's
+                                                         projections -> k_p, v_p (full-width RMSNorm on k)
 
 CUDA tensors run the Triton kernels; everything else runs the PyTorch reference in
 `kernels/reference.py`, which is the specification. MINIRESTORE_KERNELS=torch forces the reference
@@ -102,3 +109,31 @@ def qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual=None, alpha=None
     if pe is not None and (pe.shape[2] != qkv.shape[1] or pe.shape[3] != D // 2):
         raise UserError(f"qkv_prologue: pe {tuple(pe.shape)} does not match L={qkv.shape[1]}, D/2={D // 2}")
     return _triton[2].qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual, alpha, eps)
+
+
+def kv_prologue(k_raw, v_raw, r_k, r_v, k_scale, num_heads, eps=1e-6):
+    """Wan's prompted keys/values: k_p = RMSNorm_full(k_raw + r_k) * k_scale, v_p = v_raw + r_v -> [B, H, L, d].
+
+    k_raw, v_raw [B or 1, L, C]: W_k c + b_k, W_v c + b_v of the base context; r_k, r_v [1 or B, L, C]:
+    W_k P, W_v P (no bias). Wan's sibling of qkv_prologue: no q, no RoPE, no gate (alpha multiplies the
+    second attention in prompted_attention), and the norm spans all heads. fp32 math, k_raw's dtype out.
+    """
+    if k_raw.dim() != 3 or v_raw.shape != k_raw.shape:
+        raise UserError(f"kv_prologue: k_raw {tuple(k_raw.shape)} and v_raw {tuple(v_raw.shape)} must both be "
+                        "[B, L, C], the projections of one context")
+    B, L, C = k_raw.shape
+    batch_ok = r_k.dim() == 3 and (r_k.shape[0] == 1 or B in (1, r_k.shape[0]))  # each side 1 or the batch
+    if not batch_ok or r_v.shape != r_k.shape or r_k.shape[1:] != k_raw.shape[1:]:
+        raise UserError(f"kv_prologue: r_k {tuple(r_k.shape)} and r_v {tuple(r_v.shape)} do not match k_raw "
+                        f"{tuple(k_raw.shape)}; pass [1 or {B}, {L}, {C}] (the prompt padded or cut to the context)")
+    if C % num_heads or tuple(k_scale.shape) != (C,):
+        raise UserError(f"kv_prologue: width {C} with norm weight {tuple(k_scale.shape)} does not split into "
+                        f"{num_heads} heads with one weight per channel")
+    if v_raw.dtype != k_raw.dtype:
+        raise UserError(f"kv_prologue: k_raw is {k_raw.dtype} but v_raw is {v_raw.dtype}; cast them to one dtype")
+    if not _use_triton(k_raw, v_raw, r_k, r_v, k_scale):
+        return reference.kv_prologue(k_raw, v_raw, r_k, r_v, k_scale, num_heads, eps)
+    for t in (v_raw, r_k, r_v, k_scale):
+        if t.device != k_raw.device:
+            raise UserError(f"kv_prologue: inputs on {k_raw.device} and {t.device}; move them to one device")
+    return _triton[2].kv_prologue(k_raw, v_raw, r_k, r_v, k_scale, num_heads, eps)

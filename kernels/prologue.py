@@ -1,6 +1,10 @@
-"""The FLUX attention prologue in Triton: fused qkv rows -> q, k, v with the prompt folded in.
+"""The attention prologues in Triton: projected rows -> attention inputs with the prompt folded in.
 
-Per row and head (reference.qkv_prologue is the specification; architectures.md 2.2 and 2.4):
+FLUX (qkv_prologue): fused qkv rows -> q, k, v with a prompt residual, per-head QK RMSNorm and RoPE.
+Wan (kv_prologue, at the end of this file): cached k/v rows of the base context plus the prompt's
+projections -> the prompted cross-attention's k_p, v_p, with the RMSNorm over the full width.
+
+FLUX, per row and head (reference.qkv_prologue is the specification; architectures.md 2.2 and 2.4):
     x = qkv + alpha * R          rows < K only (R = W_qkv P, the prompt's projection, paper.md 3.3)
     n = x / sqrt(mean(x^2) + eps),  y = n * w          QKNorm of q and k, fp32, per head
     out = rot(pe) y              interleaved pairs: (out0, out1) = [[pe00, pe01], [pe10, pe11]] (y0, y1)
@@ -202,3 +206,107 @@ class QKVPrologue(torch.autograd.Function):
 def qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual=None, alpha=None, eps=1e-6):
     """qkv [B, L, 3*H*D] -> q, k, v [B, H, L, D]: prompt residual, per-head QK RMSNorm, RoPE."""
     return QKVPrologue.apply(qkv, q_scale, k_scale, pe, residual, alpha, num_heads, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan: k_p, v_p of the prompted cross-attention (reference.kv_prologue is the specification)
+# ---------------------------------------------------------------------------------------------
+# Per row of the context (architectures.md 3.2: Wan's norm_k spans all heads, so a row is the unit):
+#     x = k_raw + r_k,  n = x / sqrt(mean(x^2) + eps),  k_p = n * w       fp32, over the full width C
+#     v_p = v_raw + r_v
+# One program handles BLOCK_L whole rows and reads each input once. Backward: dx = (dn - n mean(dn n)) / rms
+# with dn = dk_p w is the gradient of k_raw and of r_k alike, dw = sum_rows dk_p n (per-program partials),
+# and dv_p is the gradient of v_raw and of r_v (no kernel). Inputs broadcast over the batch (stride 0);
+# their gradients are summed over it by torch.
+
+@triton.jit
+def _kv_fwd(KR, RK, VR, RV, W, KP, VP, s_kr_b, s_kr_l, s_rk_b, s_rk_l, s_vr_b, s_vr_l, s_rv_b, s_rv_l,
+            s_o_b, s_o_l, L, C, eps, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < L) & (cols[None, :] < C)
+    dtype = KP.dtype.element_ty
+    x = _load_rows(KR + b * s_kr_b, rows, cols, s_kr_l, mask) + _load_rows(RK + b * s_rk_b, rows, cols, s_rk_l, mask)
+    rrms = tl.rsqrt(tl.sum(x * x, 1) / C + eps)
+    w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
+    out = b * s_o_b + rows[:, None] * s_o_l + cols[None, :]
+    tl.store(KP + out, (x * rrms[:, None] * w[None, :]).to(dtype), mask=mask)
+    v = _load_rows(VR + b * s_vr_b, rows, cols, s_vr_l, mask) + _load_rows(RV + b * s_rv_b, rows, cols, s_rv_l, mask)
+    tl.store(VP + out, v.to(dtype), mask=mask)
+
+
+@triton.jit
+def _kv_bwd(KR, RK, W, DKP, DX, DW, s_kr_b, s_kr_l, s_rk_b, s_rk_l, s_dkp_b, s_dkp_l, s_dkp_c, s_dx_b, s_dx_l,
+            L, C, eps, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid = b * tl.num_programs(0) + pid_l  # slot for this program's dw partial
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < L) & (cols[None, :] < C)
+    x = _load_rows(KR + b * s_kr_b, rows, cols, s_kr_l, mask) + _load_rows(RK + b * s_rk_b, rows, cols, s_rk_l, mask)
+    rrms = tl.rsqrt(tl.sum(x * x, 1) / C + eps)
+    n = x * rrms[:, None]  # 0 where masked, so masked entries add nothing to the sums below
+    dy = tl.load(DKP + b * s_dkp_b + rows[:, None] * s_dkp_l + cols[None, :] * s_dkp_c,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DW + pid * BLOCK_C + cols, tl.sum(dy * n, 0))
+    dn = dy * tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+    dx = rrms[:, None] * (dn - n * (tl.sum(dn * n, 1) / C)[:, None])
+    tl.store(DX + b * s_dx_b + rows[:, None] * s_dx_l + cols[None, :], dx, mask=mask)
+
+
+def _rows(x):
+    """x with contiguous columns, and its (batch, row) strides: batch stride 0 where x is broadcast."""
+    x = x if x.stride(2) == 1 else x.contiguous()
+    return x, (x.stride(0) if x.shape[0] > 1 else 0, x.stride(1))
+
+
+def _kv_tiles(C):
+    """Whole rows per program: BLOCK_C spans the width, BLOCK_L rows keep a tile near 4096 elements."""
+    BLOCK_C = max(16, triton.next_power_of_2(C))
+    return max(1, 4096 // BLOCK_C), BLOCK_C
+
+
+def _sum_to(g, batch, dtype):
+    """The gradient of an input with `batch` rows that was broadcast over g's batch: summed over it."""
+    return (g.sum(0, keepdim=True, dtype=torch.float32) if batch == 1 < g.shape[0] else g).to(dtype)
+
+
+class KVPrologue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k_raw, v_raw, r_k, r_v, k_scale, eps):
+        B, (L, C) = max(k_raw.shape[0], r_k.shape[0]), k_raw.shape[1:]
+        (k_raw, s_kr), (r_k, s_rk), (v_raw, s_vr), (r_v, s_rv) = map(_rows, (k_raw, r_k, v_raw, r_v))
+        k_p, v_p = (empty((B, L, C), k_raw, poison()) for _ in range(2))
+        BLOCK_L, BLOCK_C = _kv_tiles(C)
+        _kv_fwd[(triton.cdiv(L, BLOCK_L), B)](k_raw, r_k, v_raw, r_v, k_scale, k_p, v_p, *s_kr, *s_rk, *s_vr, *s_rv,
+                                              k_p.stride(0), k_p.stride(1), L, C, eps,
+                                              BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=8)
+        ctx.save_for_backward(k_raw, r_k, k_scale)
+        ctx.meta = (v_raw.shape[0], v_raw.dtype, r_v.shape[0], r_v.dtype, eps)
+        return k_p, v_p
+
+    @staticmethod
+    def backward(ctx, dk_p, dv_p):
+        k_raw, r_k, k_scale = ctx.saved_tensors
+        v_batch, v_dtype, rv_batch, rv_dtype, eps = ctx.meta
+        B, L, C = dk_p.shape
+        BLOCK_L, BLOCK_C = _kv_tiles(C)
+        grid = (triton.cdiv(L, BLOCK_L), B)
+        dx = torch.empty(B, L, C, dtype=torch.float32, device=dk_p.device)  # d(k_raw + r_k); every element written
+        if poison():
+            dx.fill_(float("nan"))
+        dw = torch.empty(grid[0] * grid[1], BLOCK_C, dtype=torch.float32, device=dk_p.device)
+        _kv_bwd[grid](k_raw, r_k, k_scale, dk_p, dx, dw, *_rows(k_raw)[1], *_rows(r_k)[1], *dk_p.stride(),
+                      dx.stride(0), dx.stride(1), L, C, eps, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=8)
+        return (_sum_to(dx, k_raw.shape[0], k_raw.dtype), _sum_to(dv_p, v_batch, v_dtype),
+                _sum_to(dx, r_k.shape[0], r_k.dtype), _sum_to(dv_p, rv_batch, rv_dtype),
+                dw[:, :C].sum(0).to(k_scale.dtype), None)
+
+
+def kv_prologue(k_raw, v_raw, r_k, r_v, k_scale, num_heads, eps=1e-6):
+    """k_raw, v_raw [B or 1, L, C] + r_k, r_v [1 or B, L, C] -> k_p, v_p [B, H, L, C/H] (full-width RMSNorm on k)."""
+    k_p, v_p = KVPrologue.apply(k_raw, v_raw, r_k, r_v, k_scale, eps)
+    return tuple(t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (k_p, v_p))  # [B, L, C] -> [B, H, L, d]

@@ -63,3 +63,20 @@ def qkv_prologue(qkv, q_scale, k_scale, pe, num_heads, residual=None, alpha=None
     if pe is not None:
         q, k = apply_rope(q, pe), apply_rope(k, pe)
     return q, k, v
+
+
+def kv_prologue(k_raw, v_raw, r_k, r_v, k_scale, num_heads, eps=1e-6):
+    """Wan's prompted cross-attention keys and values, from cached projections of the base context.
+
+    k, v are affine, so kv(c + P) = norm_k(W_k c + b_k + W_k P), W_v c + b_v + W_v P (paper.md 3.2):
+    k_raw, v_raw: [B or 1, L, dim] = W_k c + b_k, W_v c + b_v of the base (null-text) context, constant;
+    r_k, r_v: [1 or B, L, dim] = W_k P, W_v P, the prompt's projections (no bias), any float dtype.
+        k_p = RMSNorm(k_raw + r_k) * k_scale     over the full width dim (all heads together), fp32
+        v_p = v_raw + r_v                        fp32 add
+    both cast to k_raw's dtype and split into heads. Returns k_p, v_p as [B, H, L, dim / H].
+    """
+    dtype = k_raw.dtype
+    k = rms_norm(k_raw.float() + r_k.float(), k_scale, eps)
+    v = v_raw.float() + r_v.float()
+    # [B, L, dim] -> [B, H, L, d]
+    return tuple(t.to(dtype).unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (k, v))

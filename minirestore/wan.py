@@ -144,6 +144,14 @@ class WanAttention(nn.Module):
         """Keys and values of a context [B, Lc, D] -> two [B, H, Lc, d] (RMSNorm before the head split)."""
         return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
 
+    def prompted_kv(self, k_raw, v_raw, prompt):
+        """kv(c + P) from k_raw, v_raw = k(c), v(c) [B, Lc, D] and P [1, Lc, D]: k and v are affine, so
+        W(c + P) + b = k_raw + W P, and only the prompt's projection W P (no bias) is new per call."""
+        r_k, r_v = F.linear(prompt, self.k.weight), F.linear(prompt, self.v.weight)
+        if isinstance(self.norm_k, nn.Identity):  # qk_norm=False: nothing to fuse
+            return self.heads(k_raw + r_k), self.heads(v_raw + r_v)
+        return kernels.kv_prologue(k_raw, v_raw, r_k, r_v, self.norm_k.weight, self.num_heads, self.norm_k.eps)
+
     def self_attention(self, x, cos, sin):
         q = apply_rope(self.heads(self.norm_q(self.q(x))), cos, sin)
         k, v = self.kv(x)
@@ -208,10 +216,12 @@ class Head(nn.Module):
 class WanContext:
     """The embedded text context and every block's base keys/values, reusable across steps.
 
-    c: text_embedding(context) [B, L, D]; kv: per block (k, v), each [B, H, L, d].
+    c: text_embedding(context) [B, L, D]; kv: per block (k, v), each [B, H, L, d]; raw: per block the
+    projections (k(c), v(c)) before the norm and the head split, each [B, L, D], for the prompted k/v.
     """
     c: torch.Tensor
     kv: list = field(default_factory=list)
+    raw: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,17 +252,22 @@ class WanModel(nn.Module):
         The restoration context is the constant null text: compute this once and pass it to every
         forward call instead of the raw features.
         """
-        c = self.text_embedding(context.to(self.dtype))
-        return WanContext(c=c, kv=[block.cross_attn.kv(c) for block in self.blocks])
+        ctx = WanContext(c=self.text_embedding(context.to(self.dtype)))
+        for block in self.blocks:
+            attn = block.cross_attn
+            k_raw, v_raw = attn.k(ctx.c), attn.v(ctx.c)  # [B, L, D]
+            ctx.raw.append((k_raw, v_raw))
+            ctx.kv.append((attn.heads(attn.norm_k(k_raw)), attn.heads(v_raw)))  # = attn.kv(c)
+        return ctx
 
     def prompt_context(self, ctx, prompt):
-        """Per block (k_p, v_p) of c + P; P zero-padded or truncated to the context length."""
-        c = ctx.c
-        P = prompt.prompt.float()
-        L, K = c.shape[1], P.shape[1]
-        P = F.pad(P, (0, 0, 0, L - K)) if K < L else P[:, :L]
-        c_p = (c.float() + P).to(c.dtype)  # the prompt arithmetic in fp32 (paper.md 2)
-        return [block.cross_attn.kv(c_p) for block in self.blocks]
+        """Per block (k_p, v_p) = kv(c + P), from the cached k(c), v(c) and P's projections in one fused
+        kernel (kernels.kv_prologue: the sum and the norm in fp32, paper.md 2). P is zero-padded or
+        truncated to the context length and projected in the weights' dtype, like FLUX's residual."""
+        P = prompt.prompt
+        L, K = ctx.c.shape[1], P.shape[1]
+        P = (F.pad(P, (0, 0, 0, L - K)) if K < L else P[:, :L]).to(self.dtype)
+        return [block.cross_attn.prompted_kv(*raw, P) for block, raw in zip(self.blocks, ctx.raw)]
 
     def forward(self, x, t, context, prompt=None):
         """x: [B, in_dim, F, H, W] latents; t: [B] timesteps on the 0..1000 scale; context: [B, L, text_dim]

@@ -218,7 +218,9 @@ def test_load_original_and_diffusers_formats(tmp_path):
             assert torch.equal(loaded(x, t, context), expected)
 
 
-def test_bf16_load_keeps_fp32_islands(tmp_path):
+def test_bf16_load_keeps_fp32_islands(tmp_path, monkeypatch):
+    if not torch.cuda.is_available():  # the Triton interpreter's bf16 dots are wrong (triton issue 11584)
+        monkeypatch.setenv("MINIRESTORE_KERNELS", "torch")
     model = tiny_model()
     save(model.state_dict(), tmp_path / "wan.safetensors", TINY)
     loaded = load_wan(tmp_path / "wan.safetensors")  # default dtype bf16
