@@ -1,0 +1,290 @@
+"""Pre-train the tiny default backbone: `python -m minirestore.pretrain` reproduces weights/tiny.
+
+Rectified flow (minRF, SD3) on procedural dead-leaves images, the transformer `Flux(TINY)` and the
+`TinyTextEncoder` trained jointly from scratch:
+  x0 = PixelCodec.encode(image), eps ~ N(0, I), t ~ logit-normal: sigmoid(N(0, 1)) (SD3; most weight on
+  mid-range times, where the velocity is hardest to predict),
+  x_t = (1 - t) x0 + t eps,   target v = eps - x0,   loss = |F(x_t, t, text) - v|^2.
+The text is the image's descriptor words ("warm many circles textured sharp"); 20% of the time it is the
+empty prompt "", as text-to-image models drop their caption, so the model also learns the unconditional
+distribution: the restoration method runs it on the empty-prompt context (paper.md 3). Each batch has one
+size drawn from --sizes (one seed draws the same scene at any size), so sampling works beyond 64 x 64.
+AdamW, linear warm-up then cosine decay, gradient clipping; an EMA of the weights is what gets saved.
+
+Outputs: the backbone folder --out (flux.safetensors with BFL keys, text.safetensors, context.safetensors
+for ""), sample grids, checkpoint.pt (for --resume) and eval.json (generated vs held-out statistics) in
+--run-dir. Defaults: ~2 hours on 2 CPU cores (~0.9 s a step); a GPU does the same in a few minutes.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .context import save_context
+from .flux import Flux, get_schedule, pack, prepare_ids, unpack
+from .procedural import colour_histogram_distance, dead_leaves, radial_power_slope
+from .tiny import TINY, PixelCodec, TextConfig, TinyTextEncoder
+
+EVAL_SEED = 999  # held-out procedural images: ProceduralImages(n, size, seed=999); training uses --seed
+GRID_PROMPTS = ["", "warm many circles smooth sharp", "cool few squares textured soft",
+                "earthy many ellipses textured sharp", "grey few rectangles smooth sharp"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=300, help="linear warm-up steps, then cosine decay to lr/10")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--cond-drop", type=float, default=0.2, help="probability of training on the empty prompt")
+    p.add_argument("--sizes", default="32,48,64", help="image sides drawn per batch (multiples of 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="weights/tiny", help="the backbone folder written")
+    p.add_argument("--run-dir", default="runs/pretrain", help="sample grids, checkpoint.pt, eval.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
+    p.add_argument("--sample-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--sample-steps", type=int, default=25, help="Euler steps of the sample grids")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance of the conditional grid rows")
+    p.add_argument("--eval-n", type=int, default=128, help="images per set in the final evaluation")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------------------------
+
+def batch(step, batch_size, size, seed):
+    """The training batch of a step, a function of (step, seed) only, so --resume sees the same data:
+    images [B, 3, size, size] in [0, 1] and their prompts (descriptor words joined by spaces)."""
+    items = [dead_leaves(seed * 1_000_003 + step * batch_size + j, size) for j in range(batch_size)]
+    return torch.stack([im for im, _ in items]), [" ".join(words) for _, words in items]
+
+
+def init_weights(flux):
+    """adaLN-Zero (DiT): zero modulations and output layer, so every block starts as the identity and the
+    model as v = 0; Xavier elsewhere. Flux's own init is PyTorch's default (it is meant to be loaded)."""
+    for name, p in flux.named_parameters():
+        if name.endswith("scale"):  # QK RMSNorm weights
+            torch.nn.init.ones_(p)
+        elif "mod" in name or name.startswith("final_layer"):  # img_mod, txt_mod, modulation, adaLN_modulation
+            torch.nn.init.zeros_(p)
+        elif p.dim() == 2:
+            torch.nn.init.xavier_uniform_(p)
+        else:
+            torch.nn.init.zeros_(p)
+    return flux
+
+
+def velocity(flux, context, z, t):
+    """F(z, t | text): latents z [B, 12, h, w], t [B], context {"txt", "y"}. -> v [B, 12, h, w]."""
+    B, _, h, w = z.shape
+    img_ids, txt_ids = prepare_ids(B, h, w, context["txt"].shape[1], device=z.device)
+    v = flux(pack(z), img_ids, context["txt"], txt_ids, t, context["y"])
+    return unpack(v, h, w)
+
+
+@torch.no_grad()
+def sample(flux, text, prompts, size, steps=25, seed=0, cfg=1.0):
+    """Euler sampling from t = 1 (noise) to 0, as flux.generate: x <- x + (t_prev - t) v. With cfg != 1,
+    v = v("") + cfg (v(prompt) - v("")) (classifier-free guidance). -> images [B, 3, size, size] in [0, 1]."""
+    device = next(flux.parameters()).device
+    B = len(prompts)
+    # Noise from a CPU generator, so a seed gives the same samples on every device.
+    channels = flux.config.in_channels // 4  # 12: the codec's 3 x 2 x 2
+    z = torch.randn(B, channels, size // 2, size // 2, generator=torch.Generator().manual_seed(seed)).to(device)
+    cond = text.encode(prompts)
+    uncond = text.encode([""] * B) if cfg != 1.0 else None
+    times = get_schedule(steps, 0, shift=False)
+    for t_curr, t_prev in zip(times[:-1], times[1:]):
+        t = torch.full((B,), t_curr, device=device)
+        v = velocity(flux, cond, z, t)
+        if uncond is not None:
+            v_u = velocity(flux, uncond, z, t)
+            v = v_u + cfg * (v - v_u)
+        z = z + (t_prev - t_curr) * v
+    return ((PixelCodec().decode(z) + 1) / 2).clamp(0, 1).cpu()
+
+
+def save_grid(images, rows, path):
+    """images [rows * cols, 3, H, W] in [0, 1] -> one PNG, row-major, 2 px gaps."""
+    n, _, H, W = images.shape
+    cols = n // rows
+    grid = np.ones((rows * (H + 2), cols * (W + 2), 3), np.float32)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * (H + 2):r * (H + 2) + H, c * (W + 2):c * (W + 2) + W] = im.permute(1, 2, 0).numpy()
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+
+
+def sample_grid(flux, text, path, steps, cfg, cols=8, size=64):
+    """Row 1: unconditional (""); then one row per descriptor set, with guidance cfg."""
+    rows = [sample(flux, text, [""] * cols, size, steps, seed=1)]
+    rows += [sample(flux, text, [p] * cols, size, steps, seed=1, cfg=cfg) for p in GRID_PROMPTS[1:]]
+    save_grid(torch.cat(rows), len(rows), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes (temporary file + os.replace), so a crash never leaves half a file
+# ---------------------------------------------------------------------------------------------
+
+def _atomic(path, write):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_backbone(out, flux, text, pretrain_config):
+    """The backbone folder: flux.safetensors (BFL keys), text.safetensors, context.safetensors ("")."""
+    out = Path(out)
+    flux_state = {k: v.detach().float().cpu().contiguous() for k, v in flux.state_dict().items()}
+    meta = {"minirestore_config": json.dumps(asdict(flux.config)), "pretrain": json.dumps(pretrain_config),
+            "codec": "pixel2"}
+    _atomic(out / "flux.safetensors", lambda p: save_file(flux_state, str(p), metadata=meta))
+    text_state = {k: v.detach().float().cpu().contiguous() for k, v in text.state_dict().items()}
+    meta = {"minirestore_config": json.dumps(asdict(text.config)), "pretrain": json.dumps(pretrain_config)}
+    _atomic(out / "text.safetensors", lambda p: save_file(text_state, str(p), metadata=meta))
+    with torch.no_grad():
+        ctx = text.encode([""])  # txt [1, 16, 64], y [1, 64]
+    save_context(out / "context.safetensors", ctx, {"backbone": "tiny", "codec": "pixel2"})
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(flux, text, n, steps, size=64):
+    """Radial power slope and colour histogram distance: n unconditional samples vs n held-out images,
+    and n held-out vs n other held-out images (what 'same distribution' looks like)."""
+    real = torch.stack([dead_leaves(EVAL_SEED * 1_000_003 + i, size)[0] for i in range(2 * n)])
+    fake = torch.cat([sample(flux, text, [""] * min(32, n - i), size, steps, seed=10_000 + i)
+                      for i in range(0, n, 32)])
+    a, b = real[:n], real[n:]
+    return {"n": n, "size": size, "sample_steps": steps,
+            "slope_generated": radial_power_slope(fake), "slope_real": radial_power_slope(a),
+            "slope_real_b": radial_power_slope(b),
+            "colour_distance_generated_vs_real": colour_histogram_distance(fake, a),
+            "colour_distance_real_vs_real": colour_histogram_distance(b, a)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def train(args):
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    run_dir, ckpt_path = Path(args.run_dir), Path(args.run_dir) / "checkpoint.pt"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in str(args.sizes).split(",")]
+    if any(s % 4 for s in sizes):
+        raise SystemExit(f"--sizes {args.sizes}: every size must be a multiple of 4 (codec 2 x patch 2)")
+    # What determines the weights (stored in their metadata); not where they go or how fast.
+    where = ("out", "run_dir", "device", "resume", "threads")
+    pretrain_config = {k: v for k, v in vars(args).items() if k not in where}
+
+    torch.manual_seed(args.seed)
+    flux = init_weights(Flux(TINY)).to(device)
+    text = TinyTextEncoder(TextConfig()).to(device)
+    torch.nn.init.normal_(text.position_embedding, std=0.02)
+    ema_flux, ema_text = copy.deepcopy(flux).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    params = list(flux.parameters()) + list(text.parameters())
+    ema_params = list(ema_flux.parameters()) + list(ema_text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(args.seed)  # t, noise, prompt drop and batch size: all from here
+    step = 0
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        for module, key in ((flux, "flux"), (text, "text"), (ema_flux, "ema_flux"), (ema_text, "ema_text")):
+            module.load_state_dict(ck[key])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["rng"])
+        step = ck["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    elif args.resume:
+        print(f"--resume: no {ckpt_path} yet; starting from scratch")
+
+    def checkpoint():
+        state = {"flux": flux.state_dict(), "text": text.state_dict(), "ema_flux": ema_flux.state_dict(),
+                 "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(), "step": step,
+                 "args": vars(args)}
+        _atomic(ckpt_path, lambda p: torch.save(state, p))
+        write_backbone(args.out, ema_flux, ema_text, pretrain_config)
+
+    codec = PixelCodec()
+    bar = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    smooth, seen, t_start = None, 0, time.time()
+    while step < args.steps:
+        size = sizes[int(torch.randint(len(sizes), (1,), generator=gen))]
+        images, prompts = batch(step, args.batch_size, size, args.seed)
+        B = images.shape[0]
+        drop = torch.rand(B, generator=gen) < args.cond_drop
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        t = torch.sigmoid(torch.randn(B, generator=gen)).to(device)  # logit-normal times
+        eps = torch.randn(B, 12, size // 2, size // 2, generator=gen).to(device)
+        x0 = codec.encode(images.to(device) * 2 - 1)  # [B, 12, size/2, size/2]
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+        loss = (velocity(flux, text.encode(prompts), xt, t) - (eps - x0)).pow(2).mean()
+
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))  # a short EMA early on, as in many DiT repos
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        step += 1
+
+        seen += B
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{seen / (time.time() - t_start):.1f}", size=size)
+        bar.update(1)
+        if step % args.sample_every == 0 or step == args.steps:
+            sample_grid(ema_flux, ema_text, run_dir / f"samples_{step:06d}.png", args.sample_steps, args.cfg)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            checkpoint()
+    bar.close()
+    if not ckpt_path.exists():  # resumed at the end: still write the folder
+        checkpoint()
+    return flux, text, ema_flux, ema_text, step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    *_, ema_flux, ema_text, step = train(args)
+    print(f"backbone written to {args.out} (step {step}); evaluating {args.eval_n} samples against held-out images")
+    result = evaluate(ema_flux, ema_text, args.eval_n, args.sample_steps)
+    result["step"] = step
+    _atomic(Path(args.run_dir) / "eval.json", lambda p: p.write_text(json.dumps(result, indent=2)))
+    for k, v in result.items():
+        print(f"  {k}: {v}")
+    print(f"sample grids, checkpoint.pt and eval.json in {args.run_dir}")
+
+
+if __name__ == "__main__":
+    main()
