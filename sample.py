@@ -27,19 +27,31 @@ from minirestore.prompts import load_prompt
 from minirestore.video import VIDEO_SUFFIXES, read_video, to_4k1, write_video
 
 
+TINY_TILE = 64  # the tiny default's pre-training size
+
+
+def default_prompt(model, degradation):
+    """Your own trained prompt if there is one, else the one shipped for the model."""
+    user = Path("weights") / f"{model}-{degradation}.safetensors"
+    shipped = Path(__file__).resolve().parent / "weights" / model / "prompts" / f"{degradation}.safetensors"
+    return user if user.exists() or not shipped.exists() else shipped
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", help="images or folders of images")
-    p.add_argument("--model", default="flux-dev", help="backbone: a model name or a backbone folder")
+    p.add_argument("--model", default="tiny", help="backbone: tiny (shipped), flux-dev, flux-schnell, "
+                   "wan2.1-t2v-1.3b, wan2.1-t2v-14b, or a backbone folder")
     p.add_argument("--video", action="store_true", help="treat folders as clips of frames (the default with Wan)")
-    p.add_argument("--prompt", action="append", help="prompt file (repeat for mixed degradations; default: "
-                   "weights/<model>-<degradation>.safetensors)")
+    p.add_argument("--prompt", action="append", help="prompt file (repeat for mixed degradations; default: your "
+                   "weights/<model>-<degradation>.safetensors, else the shipped weights/<model>/prompts/<degradation>.safetensors)")
     p.add_argument("--degradation", default="noise", help="which default prompt to use when --prompt is not given")
     p.add_argument("--t0", type=float, help="start level T0 in (0, 1] (default: the prompt's own)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (network evaluations per prompt)")
     p.add_argument("--out", help="output folder (default: beside each input)")
     p.add_argument("--suffix", default="_restored", help="added to each output's file name")
     p.add_argument("--max-size", type=int, default=2048, help="refuse images whose longer side is larger")
+    p.add_argument("--tile", type=int, help="restore in overlapping tiles of this size (default: 64 for tiny, off otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -77,10 +89,26 @@ def read(kind, src):
     return load_image(src) if kind == "image" else read_video(src)
 
 
-def restore(backbone, prompts, bridge, x, steps, seed):
+def tile_starts(size, tile, overlap):
+    """Starts of tiles of length `tile` covering [0, size) with at least `overlap` shared pixels."""
+    if size <= tile:
+        return [0]
+    n = 1 + -(-(size - tile) // (tile - overlap))  # ceil
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def blend_weight(h, w, overlap):
+    """A tile's weight in the blend: 1 inside, ramping linearly to small values over `overlap` pixels."""
+    ramp = lambda n: torch.minimum(torch.arange(n) + 1.0, torch.arange(n, 0, -1.0)).clamp(max=overlap + 1)  # noqa: E731
+    return (ramp(h)[:, None] * ramp(w)[None, :]) / (overlap + 1) ** 2
+
+
+def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch=32):
     """x: an image [3, H, W] or a clip [T, 3, H, W] in [0, 1] -> restored, same shape.
 
-    Pad the sides to the backbone's multiple (and a clip to 4k+1 frames), sample, crop back."""
+    Pad the sides to the backbone's multiple (and a clip to 4k+1 frames), sample, crop back. tile > 0
+    restores overlapping tiles of that size (the tiny default was pre-trained at 64 x 64: RoPE positions
+    beyond its training range are a known failure) and blends them with linear ramps."""
     clip = x.dim() == 4
     H, W = x.shape[-2:]
     if clip:
@@ -89,11 +117,25 @@ def restore(backbone, prompts, bridge, x, steps, seed):
     m = backbone.multiple
     pad = (0, (-W) % m, 0, (-H) % m) + ((0, 0) if clip else ())  # replicate-pad the sides (not the frames)
     x = F.pad(x[None], pad, mode="replicate")
-    Y = backbone.encode(x)
     g = torch.Generator().manual_seed(seed)
     fns = [lambda x_, tau, bank=bank: backbone.velocity(x_, tau, bank) for bank in prompts]
-    out = backbone.decode(bridge.sample(averaged(fns), Y, steps, generator=g))[0, ..., :H, :W].cpu()
-    return out.permute(1, 0, 2, 3)[:T] if clip else out
+    velocity = averaged(fns)
+    if not tile or clip:
+        out = backbone.decode(bridge.sample(velocity, backbone.encode(x), steps, generator=g))[0, ..., :H, :W].cpu()
+        return out.permute(1, 0, 2, 3)[:T] if clip else out
+    Hp, Wp = x.shape[-2:]
+    th, tw = min(tile, Hp), min(tile, Wp)
+    boxes = [(i, j) for i in tile_starts(Hp, th, overlap) for j in tile_starts(Wp, tw, overlap)]
+    out, weight = torch.zeros(3, Hp, Wp), torch.zeros(1, Hp, Wp)
+    w = blend_weight(th, tw, overlap)
+    for k in range(0, len(boxes), batch):  # tiles in batches: bounded memory on any image size
+        chunk = boxes[k:k + batch]
+        tiles = torch.cat([x[..., i:i + th, j:j + tw] for i, j in chunk])
+        restored = backbone.decode(bridge.sample(velocity, backbone.encode(tiles), steps, generator=g)).cpu()
+        for (i, j), r in zip(chunk, restored):
+            out[:, i:i + th, j:j + tw] += w * r
+            weight[:, i:i + th, j:j + tw] += w
+    return (out / weight)[:, :H, :W]
 
 
 def main(argv=None):
@@ -116,7 +158,7 @@ def main(argv=None):
                             "resize it or raise --max-size")
 
     backbone = load_backbone(args.model, args.device, dtype)
-    prompt_files = args.prompt or [Path("weights") / f"{backbone.name}-{args.degradation}.safetensors"]
+    prompt_files = args.prompt or [default_prompt(backbone.name, args.degradation)]
     prompts = [load_prompt(f, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks).to(backbone.device)
                for f in prompt_files]
     kinds = {b.meta.get("bridge", "ebr") for b in prompts}
@@ -133,7 +175,8 @@ def main(argv=None):
         raise UserError(f"{backbone.name} restores images; videos need a Wan backbone (--model wan2.1-t2v-1.3b)")
     for kind, src, dst in tqdm(mine, desc="restoring", unit="input", disable=len(mine) < 2 or not world.main):
         x, info = read(kind, src)
-        restored = restore(backbone, prompts, bridge, x, args.steps, args.seed)
+        tile = args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
+        restored = restore(backbone, prompts, bridge, x, args.steps, args.seed, tile=tile)
         if kind == "image":
             save_image(restored, dst, info)
         else:

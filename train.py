@@ -25,21 +25,27 @@ import torch
 from minirestore import UserError
 from minirestore.backbone import load_backbone
 from minirestore.bridge import KINDS, Bridge
-from minirestore.data import CleanFolder, ClipFolder, PairedFolder, is_clip_folder, parse_resolution, save_image, split
+from minirestore.data import (CleanFolder, CleanProcedural, ClipFolder, PairedFolder, is_clip_folder, parse_resolution,
+                              save_image, split)
 from minirestore.degrade import parse
 from minirestore.distributed import average_gradients, barrier, close, init, sum_across
 from minirestore.metrics import psnr, ssim
 from minirestore.prompts import save_prompt
 
-DEFAULTS = {  # per backbone family: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
+DEFAULTS = {  # per backbone: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
+    "tiny": dict(resolution=64, steps=600, lr=1e-2, batch_size=8, val_every=200, val_count=8),  # ~10 min, 2 CPU cores
     "flux": dict(resolution=512, steps=3000, lr=2e-3),
     "wan": dict(resolution=(480, 832), steps=3000, lr=2e-3),  # clips of --frames 33, as in the paper
 }
 
 
+PROCEDURAL_IMAGES = 4096  # the tiny default's training pool when no --data is given
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="flux-dev", help="backbone: a model name (flux-dev, flux-schnell) or a backbone folder")
+    p.add_argument("--model", default="tiny", help="backbone: tiny (shipped, CPU-sized), flux-dev, flux-schnell, "
+                   "wan2.1-t2v-1.3b, wan2.1-t2v-14b, or a backbone folder")
     p.add_argument("--degradation", default="noise", help="a degradation name or a +-joined mix (e.g. blur+noise); "
                    "ignored for paired data except in the output name")
     p.add_argument("--t0", type=float, default=0.4, help="bridge horizon T0 in (0, 1]")
@@ -47,19 +53,20 @@ def parse_args(argv=None):
     p.add_argument("--pow", type=float, default=1.0, help="time-sampling skew p in t = t_min + (T0 - t_min) u^p")
     p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
     p.add_argument("--ddbm-sigma", type=float, default=1.0, help="noise scale of the ddbm baseline's Brownian bridge")
-    p.add_argument("--data", help="a folder of clean images (degraded on the fly) or a paired folder with clean/ and degraded/")
+    p.add_argument("--data", help="a folder of clean images (degraded on the fly), a paired folder with clean/ and "
+                   "degraded/, or clips for Wan (default for tiny: procedural images it was not pre-trained on)")
     p.add_argument("--resolution", type=parse_resolution,
                    help="training crop: 512 or height x width like 480x832 (default: 512 for FLUX, 480x832 for Wan)")
     p.add_argument("--frames", type=int, default=33, help="frames per training clip (Wan, clip data; 4k+1)")
     p.add_argument("--steps", type=int, help="optimiser steps (default: 3000 for FLUX)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, help="images per process and step (default: 8 for tiny, else 1)")
     p.add_argument("--lr", type=float, help="AdamW learning rate for P and alpha (default: 2e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="prompt file to write (default: weights/<model>-<degradation>.safetensors)")
     p.add_argument("--run-dir", help="folder for checkpoint, log and previews (default: runs/<model>-<degradation>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--val-every", type=int, default=250, help="validate and preview every N steps (0: only at the end)")
-    p.add_argument("--val-count", type=int, default=4, help="held-out images for validation")
+    p.add_argument("--val-every", type=int, help="validate and preview every N steps (0: only at the end; default 250)")
+    p.add_argument("--val-count", type=int, help="held-out images for validation (default 4, 8 for tiny)")
     p.add_argument("--val-steps", type=int, default=20, help="sampler steps when validating")
     p.add_argument("--grad-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="recompute each block in the backward pass (auto: on for CUDA)")
@@ -68,7 +75,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.t0 <= 1:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
-    for flag in ("steps", "batch_size", "val_count", "val_steps", "frames"):
+    for flag in ("steps", "batch_size", "val_count", "val_steps", "frames"):  # None: the backbone's default
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
@@ -141,20 +148,25 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     bridge = Bridge(args.bridge, args.t0, args.t_min, args.pow, args.ddbm_sigma)
-    if args.data is None:
-        raise UserError("pass --data: a folder of clean images, or a paired folder with clean/ and degraded/")
-    data = Path(args.data)
-    if not data.is_dir():
+    data = None if args.data is None else Path(args.data)
+    if data is not None and not data.is_dir():
         raise UserError(f"--data {data}: no such folder")
     backbone = load_backbone(args.model, args.device, dtype)
-    defaults = DEFAULTS[backbone.kind]
+    defaults = DEFAULTS.get(backbone.name, DEFAULTS[backbone.kind])
+    if data is None and backbone.name != "tiny":
+        raise UserError("pass --data: a folder of clean images, or a paired folder with clean/ and degraded/")
     resolution, steps, lr = (args.resolution or defaults["resolution"], args.steps or defaults["steps"],
                              args.lr or defaults["lr"])
+    for flag, fallback in (("batch_size", 1), ("val_every", 250), ("val_count", 4)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, defaults.get(flag, fallback))
     if any(side % backbone.multiple for side in ((resolution,) * 2 if isinstance(resolution, int) else resolution)):
         raise UserError(f"--resolution {resolution} must be a multiple of {backbone.multiple} for {backbone.name}")
-    paired = (data / "clean").is_dir() and (data / "degraded").is_dir()
+    paired = data is not None and (data / "clean").is_dir() and (data / "degraded").is_dir()
     degradation = "+".join(parse(args.degradation)) if not paired else args.degradation
-    if is_clip_folder(data):
+    if data is None:  # the tiny default: procedural images from seeds it was not pre-trained on
+        dataset = CleanProcedural(PROCEDURAL_IMAGES, degradation, resolution, seed=args.seed)
+    elif is_clip_folder(data):
         if backbone.kind != "wan":
             raise UserError(f"{data} holds video clips; {backbone.name} trains on images (use a Wan backbone)")
         dataset = ClipFolder(data, degradation, resolution, args.frames, seed=args.seed)
@@ -189,7 +201,8 @@ def main(argv=None):
         print(f"resuming {ckpt_path} at step {start}")
     meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, T0=args.t0, t_min=args.t_min,
                 ddbm_sigma=args.ddbm_sigma,
-                resolution=resolution if isinstance(resolution, int) else "x".join(map(str, resolution)), lr=lr, batch_size=args.batch_size, seed=args.seed)
+                resolution=resolution if isinstance(resolution, int) else "x".join(map(str, resolution)), lr=lr,
+                batch_size=args.batch_size, seed=args.seed)
 
     def checkpoint(step):
         if not world.main:

@@ -220,10 +220,36 @@ class CleanFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
+    def clean(self, i):
+        """-> (image [3, H, W], name)"""
+        return load_image(self.files[i])[0], self.files[i].stem
+
     def __getitem__(self, i):
         g = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        clean = crop([load_image(self.files[i])[0]], self.resolution, self.train, g)[0]
-        return {"clean": clean, "degraded": degrade(clean, self.degradation, g), "name": self.files[i].stem}
+        image, name = self.clean(i)
+        clean = crop([image], self.resolution, self.train, g)[0]
+        return {"clean": clean, "degraded": degrade(clean, self.degradation, g), "name": name}
+
+
+class CleanProcedural(CleanFolder):
+    """The tiny default's data: procedural dead-leaves images (procedural.py) degraded on the fly.
+
+    Images come from their own seed range (`base`), disjoint from the ones the backbone was pre-trained
+    on, so training and validation images are new to it."""
+
+    def __init__(self, n, degradation, resolution=64, train=True, seed=0, base=7):
+        self.n, self.base, self.size = n, base, resolution if isinstance(resolution, int) else max(resolution)
+        self.degradation = "+".join(parse(degradation))
+        self.resolution, self.train, self.seed = resolution, train, seed
+
+    def __len__(self):
+        return self.n
+
+    def clean(self, i):
+        from .procedural import dead_leaves
+
+        image, _ = dead_leaves(self.base * 1_000_003 + i, self.size)
+        return image, f"leaves-{self.base}-{i}"
 
 
 class PairedFolder(torch.utils.data.Dataset):

@@ -25,6 +25,7 @@ FLUX_HUB = {
     "flux-dev": ("black-forest-labs/FLUX.1-dev", "flux1-dev.safetensors", 23.8e9, True),
     "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors", 23.8e9, False),
 }
+TINY_FLUX = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "flux.safetensors"
 AE_HUB = {
     "flux-dev": ("black-forest-labs/FLUX.1-dev", "ae.safetensors", 335e6, True),
     "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "ae.safetensors", 335e6, False),
@@ -355,6 +356,10 @@ def load_flux(source, config=None, device="cpu", dtype=torch.bfloat16, filename=
     """
     from .flux import Flux, FluxConfig
 
+    if str(source) == "tiny":  # the embedded default, shipped in the repository's weights/tiny/
+        source = TINY_FLUX
+        if not source.exists():
+            raise UserError(f"the tiny default is not in {source.parent}: reproduce it with `python -m minirestore.pretrain`")
     files = resolve(source, FLUX_HUB, hub_subfolder="transformer", filename=filename)
     files = [f for f in files if f.stem != "ae"] or files  # a local copy of a BFL repo holds both
     ckpt = Checkpoint(files)
