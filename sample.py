@@ -12,13 +12,13 @@ video file or a folder of frames is one clip (frame count padded to 4k+1 and cut
 with FLUX a folder is a set of images.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from minirestore import UserError
+from minirestore.cli import Help, run
 from minirestore.backbone import is_wan, load_backbone
 from minirestore.bridge import Bridge, averaged
 from minirestore.data import list_images, load_image, save_image
@@ -38,7 +38,7 @@ def default_prompt(model, degradation):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=Help)
     p.add_argument("inputs", nargs="+", help="images or folders of images")
     p.add_argument("--model", default="tiny", help="backbone: tiny (shipped), flux-dev, flux-schnell, "
                    "wan2.1-t2v-1.3b, wan2.1-t2v-14b, or a backbone folder")
@@ -188,8 +188,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -16,13 +16,13 @@ seeded by (seed, step)); Ctrl-C saves a checkpoint and exits.
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from minirestore import UserError
+from minirestore.cli import Help, run
 from minirestore.backbone import load_backbone
 from minirestore.bridge import KINDS, Bridge
 from minirestore.data import (CleanFolder, CleanProcedural, ClipFolder, PairedFolder, is_clip_folder, parse_resolution,
@@ -43,7 +43,7 @@ PROCEDURAL_IMAGES = 4096  # the tiny default's training pool when no --data is g
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=Help)
     p.add_argument("--model", default="tiny", help="backbone: tiny (shipped, CPU-sized), flux-dev, flux-schnell, "
                    "wan2.1-t2v-1.3b, wan2.1-t2v-14b, or a backbone folder")
     p.add_argument("--degradation", default="noise", help="a degradation name or a +-joined mix (e.g. blur+noise); "
@@ -276,9 +276,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"error: {rank}{e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

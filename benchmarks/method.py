@@ -35,6 +35,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)  # before benchmarks/, so `import kernels` is the package, not benchmarks/kernels.py
 
 from minirestore import UserError  # noqa: E402
+from minirestore.cli import Help, run  # noqa: E402
 from minirestore.autoencoder import FLUX_AE, AutoEncoder, AutoEncoderConfig  # noqa: E402
 from minirestore.backbone import Backbone  # noqa: E402
 from minirestore.bridge import Bridge  # noqa: E402
@@ -171,7 +172,7 @@ class kernel_mode:
 MODES = {"fused": "Triton kernels", "released": "PyTorch eager + SDPA"}
 
 
-def run(args, cuda):
+def benchmark(args, cuda):
     device = args.device
     dtype = torch.bfloat16 if cuda else torch.float32
     backbone = random_backbone(args.model, device, dtype)
@@ -229,7 +230,7 @@ def speedups(rows):
 
 def main(argv=None):
     cuda_available = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     p.add_argument("--model", choices=["tiny", *FLUX_PRESETS], default="flux-dev" if cuda_available else "tiny",
                    help="the backbone's config (random weights): a real FLUX preset, or tiny for the CPU")
     p.add_argument("--device", default="cuda" if cuda_available else "cpu")
@@ -269,7 +270,7 @@ def main(argv=None):
         where = (f"NO GPU: CPU smoke run, torch {torch.__version__}, triton {triton_version}, fp32 weights, "
                  f"model {args.model} (both modes take the PyTorch reference path on the CPU)")
     print(where, flush=True)
-    rows = run(args, cuda)
+    rows = benchmark(args, cuda)
     lines = table(rows, args.repeats)
     print("\n".join(lines))
     print("\n" + "\n".join(speedups(rows)))
@@ -289,8 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # before benchmarks/, so `import kernels` is the package, not benchmarks/kernels.py
 
 from minirestore import UserError  # noqa: E402
+from minirestore.cli import Help, run  # noqa: E402
 from minirestore.autoencoder import FLUX_AE, AutoEncoder  # noqa: E402
 from minirestore.context import save_context  # noqa: E402
 from minirestore.flux import Flux, FluxConfig  # noqa: E402
@@ -122,7 +123,7 @@ def table(rows, batch_size):
 
 def main(argv=None):
     cuda_available = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda_available else "cpu")
     p.add_argument("--max-procs", type=int,
                    help="measure 1 .. this many processes (default: the GPU count on CUDA, min(2, cpus) on the CPU)")
@@ -183,8 +184,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -1,0 +1,25 @@
+"""What the command-line tools share: their --help layout and how a UserError reaches the user."""
+import argparse
+import os
+import sys
+
+from . import UserError
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except where there is none or the help text already explains it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def run(main):
+    """sys.exit(main()), with a UserError printed as one line (naming the rank under torchrun), exit code 2."""
+    try:
+        sys.exit(main())
+    except UserError as e:
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"error: {rank}{e}", file=sys.stderr)
+        sys.exit(2)
