@@ -1,6 +1,7 @@
 """Learn a restoration prompt on a frozen diffusion backbone (arXiv 2604.04924).
 
-    python train.py --degradation noise --t0 0.6 --data path/to/clean/images
+    python train.py --degradation noise --t0 0.6                     the tiny default, procedural data, CPU
+    python train.py --model flux-dev --degradation haze --data photos/
 
 Only the prompt P [1, K, D] and the per-block gates alpha train. Each step:
     X0, Y = encode(clean), encode(degraded)              frozen VAE
@@ -56,11 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--data", help="a folder of clean images (degraded on the fly), a paired folder with clean/ and "
                    "degraded/, or clips for Wan (default for tiny: procedural images it was not pre-trained on)")
     p.add_argument("--resolution", type=parse_resolution,
-                   help="training crop: 512 or height x width like 480x832 (default: 512 for FLUX, 480x832 for Wan)")
+                   help="training crop: 512 or height x width like 480x832 (default: 64 tiny, 512 FLUX, 480x832 Wan)")
     p.add_argument("--frames", type=int, default=33, help="frames per training clip (Wan, clip data; 4k+1)")
-    p.add_argument("--steps", type=int, help="optimiser steps (default: 3000 for FLUX)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: 600 for tiny, 3000 for FLUX and Wan)")
     p.add_argument("--batch-size", type=int, help="images per process and step (default: 8 for tiny, else 1)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate for P and alpha (default: 2e-3)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate for P and alpha (default: 1e-2 for tiny, 2e-3 otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="prompt file to write (default: weights/<model>-<degradation>.safetensors)")
     p.add_argument("--run-dir", help="folder for checkpoint, log and previews (default: runs/<model>-<degradation>)")
