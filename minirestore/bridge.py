@@ -84,6 +84,16 @@ class Bridge:
         s, tau = t / self.T0, self.model_time(t)
         return (1 - tau) * (1 - s), (1 - tau) * s, tau
 
+    def sampler_coeffs(self, t):
+        """(a, A, B) of the states the sampler walks through. ebr and ddbm: their own bridge, so sampling
+        states are training states. naive: the ordinary rectified-flow path of the estimate,
+        (1 - t) x0_hat + t eps_hat, i.e. the usual sampler started from the noised degraded latent; its
+        training states (1 - t) Y + t eps never leave the segment Y -> noise, which is the train/sample
+        mismatch the paper blames for naive training's instability (paper.md 4.1)."""
+        if self.kind == "naive":
+            return 1 - t, 0 * t, t
+        return self.coeffs(t)
+
     def make_state(self, X0, Y, t, eps):
         """Training state x_t for latents X0, Y, eps [B, ...] and times t [B] (or a float).
         Computed in fp32 (t near t_min and small coefficients), returned in X0's dtype."""
@@ -156,9 +166,9 @@ class Bridge:
             x0_hat = self.x0_from_velocity(X, t, velocity_fn(X, tau))
             if i + 1 == len(ts):
                 break
-            a, A, B = self.coeffs(t)
+            a, A, B = self.sampler_coeffs(t)
             eps_hat = (X - a * x0_hat - A * Y) / max(B, self.t_min)
-            a, A, B = self.coeffs(ts[i + 1])
+            a, A, B = self.sampler_coeffs(ts[i + 1])
             X = a * x0_hat + A * Y + B * eps_hat
         return x0_hat
 

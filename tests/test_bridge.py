@@ -129,7 +129,24 @@ def test_sampler_returns_x0_with_ideal_model(kind, steps):
         assert grid[0] == pytest.approx(0.4)  # ebr / naive query the model at T0 first (one step: only there)
 
 
-@pytest.mark.parametrize("kind", ["ebr", "naive"])
+def test_naive_sampler_is_the_usual_rectified_flow_sampler():
+    """naive starts from the noised degraded latent and then re-projects onto the rectified-flow path of
+    its estimate, x' = (1 - t') x0_hat + t' eps_hat, with eps_hat = (x - (1 - t) x0_hat) / t; written out
+    by hand for three steps with a non-ideal velocity."""
+    X0, Y, eps = latents()
+    v = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    T0, t_min = 0.4, 1e-4
+    out = Bridge("naive", T0=T0, t_min=t_min).sample(lambda x, tau: v * (1 + tau.view(-1, 1, 1, 1)), Y, 3, eps=eps)
+    X = (1 - T0) * Y + T0 * eps
+    t0, t1, t2 = T0, (T0 + t_min) / 2, t_min
+    for t, t_next in ((t0, t1), (t1, t2)):
+        x0 = X - t * v * (1 + t)
+        eps_hat = (X - (1 - t) * x0) / t
+        X = (1 - t_next) * x0 + t_next * eps_hat
+    torch.testing.assert_close(out, X - t2 * v * (1 + t2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ebr"])
 def test_sampler_stays_on_the_bridge(kind):
     """With the ideal model, eps_hat re-estimates the start noise exactly, so every state the sampler
     queries is the training state make_state(X0, Y, t_i, eps): training and sampling see the same family."""
