@@ -1,0 +1,241 @@
+"""The replication benchmark (benchmarks/replicate.py) and its baselines (classical.py, dncnn.py).
+
+Classical filters: each one, at a sensible or validation-tuned strength, measurably restores the degradation
+it is meant for; the median filter matches scipy's. The DnCNN is the identity before training and learns.
+The replication itself runs end to end at smoke scale on random backbones (its numbers mean nothing there):
+every row and column is in the table, every number is finite, the grids are written, and a rerun reuses the
+cached prompts and DnCNN instead of training. The token-space baseline starts exactly at the frozen model.
+"""
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minirestore.degrade import blur, haze, noise
+from minirestore.metrics import psnr
+from minirestore.procedural import dead_leaves
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+replicate = load("replicate")  # puts benchmarks/ on sys.path: classical and dncnn are the modules it uses
+classical, dncnn = sys.modules["classical"], sys.modules["dncnn"]
+
+
+def smooth_images(n, size=32, seed=0):
+    """Smooth colourful images [n, 3, size, size] in [0.1, 0.9]: sums of low-frequency sinusoids."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    f = 1 + 2 * torch.rand(n, 3, 2, 1, 1, generator=g)
+    phase = 6.28 * torch.rand(n, 3, 1, 1, generator=g)
+    return 0.5 + 0.2 * torch.sin(f[:, :, 0] * 3 * xx + phase) + 0.2 * torch.cos(f[:, :, 1] * 3 * yy)
+
+
+def leaves(n, size=32, base=40):
+    return torch.stack([dead_leaves(base * 1_000_003 + i, size)[0] for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# classical.py
+# ---------------------------------------------------------------------------------------------
+
+def test_gaussian_filter_at_the_tuned_sigma_denoises():
+    val, test = smooth_images(4, seed=0), smooth_images(1, seed=1)
+    noisy_val, noisy_test = noise(val, generator=0, sigma=0.1), noise(test, generator=1, sigma=0.1)
+    scores = {p["sigma"]: psnr(classical.gaussian_filter(noisy_val, **p), val).mean().item()
+              for p in classical.CANDIDATES["noise"][0][2]}
+    sigma = max(scores, key=scores.get)
+    assert sigma > 0.5  # a smooth image wants more than the lightest smoothing of the grid
+    assert psnr(classical.gaussian_filter(noisy_test, sigma), test) > psnr(noisy_test, test) + 5
+
+
+def test_median_filter_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.rand(2, 3, 11, 13, generator=torch.Generator().manual_seed(0))
+    ref = ndimage.median_filter(x.numpy(), size=(1, 1, 5, 5), mode="nearest")
+    torch.testing.assert_close(classical.median_filter(x, 5), torch.from_numpy(ref))
+
+
+def test_wiener_deconvolution_deblurs():
+    x = leaves(2)
+    y = blur(x, generator=0, kind="gaussian", sigma=2.0)
+    restored = classical.wiener(y, sigma=2.0, nsr=1e-3)
+    assert (psnr(restored, x) > psnr(y, x) + 2).all()
+    assert (psnr(classical.wiener(y, sigma=2.0, nsr=1e9), x) < psnr(y, x)).all()  # all-regulariser: ~nothing left
+
+
+def test_gamma_exposure_correction_brightens():
+    x = smooth_images(2)
+    dark = 0.3 * x**1.5  # the noise-free lowlight model
+    assert (psnr(classical.gamma_exposure(dark, exposure=0.3, gamma=1.5), x) > 50).all()  # its exact inverse
+    name, fn, params, _ = classical.tune("lowlight", dark, x)
+    assert psnr(fn(dark, **params), x).mean() > psnr(dark, x).mean() + 10
+
+
+def test_dark_channel_prior_dehazes():
+    x = leaves(4)
+    hazy = haze(x, generator=0, beta=1.5, airlight=0.85)
+    restored = classical.dehaze(hazy, omega=0.8, t0=0.1, patch=5)
+    assert psnr(restored, x).mean() > psnr(hazy, x).mean() + 1
+    assert classical.airlight(hazy, classical.dark_channel(hazy, 5)).mean() > 0.6  # found the haze, not a leaf
+
+
+# ---------------------------------------------------------------------------------------------
+# dncnn.py
+# ---------------------------------------------------------------------------------------------
+
+def test_dncnn_starts_at_identity_and_learns_to_denoise():
+    x = leaves(8, size=16)
+    y = noise(x, generator=0, sigma=0.15)
+    net = dncnn.DnCNN(dncnn.DnCNNConfig(depth=4, width=16, lr=3e-3))
+    torch.testing.assert_close(net(y), y)
+
+    def next_batch(step):
+        clean = leaves(4, size=16, base=50 + step % 8)
+        return clean, noise(clean, generator=step, sigma=0.15)
+
+    model, steps, _ = dncnn.train_dncnn(next_batch, seconds=60, config=net.config, max_steps=60)
+    assert steps == 60
+    assert psnr(dncnn.restore(model, y), x).mean() > psnr(y, x).mean() + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# replicate.py
+# ---------------------------------------------------------------------------------------------
+
+def markdown_rows(text):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return header, [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+SMOKE = ["--images", "3", "--val-images", "3", "--size", "16", "--steps", "2", "--batch-size", "2",
+         "--sample-steps", "2", "--cnn-seconds", "0.3", "--pool", "8"]
+
+
+def test_replication_smoke_run_and_cached_rerun(backbone_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "replication"
+    argv = ["--model", str(backbone_dir), "--degradations", "noise,haze", "--t0-sweep", "0.4,0.8", "--out", str(out)]
+    assert replicate.main(argv + SMOKE) == 0
+    md = (out / "results.md").read_text()
+    assert "python benchmarks/replicate.py --model" in md
+    header, rows = markdown_rows(md)
+    assert header == replicate.HEADER
+    methods = ["degraded input", "best classical filter", "DnCNN (supervised)", "no prompt (T0 0.4)",
+               "naive bridge (T0 0.4)", "DDBM bridge (T0 0.4)", "EBR bridge (the method) (T0 0.4)",
+               "no prompt (T0 0.8)", "EBR bridge (T0 0.8)"]
+    assert [(r[0], r[1]) for r in rows] == [(d, m) for d in ("noise", "haze") for m in methods]
+    for r in rows:
+        assert all(len(r[k].split(" ± ")) == 2 for k in (2, 3))
+    result = json.loads((out / "results.json").read_text())
+    for r in result["rows"]:
+        values = list(r["psnr"]) + list(r["ssim"]) + list(r["dpsnr"] or [])
+        assert all(math.isfinite(v) for v in values), r
+    for d in ("noise", "haze"):
+        grid = replicate.save_image.__globals__["Image"].open(out / f"grid-{d}.png")
+        assert grid.size == (6 * 128, 3 * 128)  # 6 columns, 3 images, 16 px upscaled x 8
+        for name in ("naive-t0.4", "ddbm-t0.4", "ebr-t0.4", "ebr-t0.8"):
+            assert (out / "prompts" / f"{d}-{name}.safetensors").exists()
+    first = {(r["degradation"], r["method"]): r["psnr"] for r in result["rows"]}
+
+    # A rerun only evaluates: training anything now fails the test.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a rerun without --retrain trained again")
+
+    monkeypatch.setattr(replicate.train, "main", no_training)
+    monkeypatch.setattr(replicate.dncnn, "train_dncnn", no_training)
+    assert replicate.main(argv + SMOKE) == 0
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["degradation"], r["method"]): r["psnr"] for r in again} == first  # same prompts, same noise
+
+    with pytest.raises(AssertionError, match="trained again"):
+        replicate.main(argv + SMOKE + ["--retrain"])
+
+
+@pytest.fixture(scope="module")
+def tiny_like_dir(tmp_path_factory):
+    """A tiny-shaped backbone folder with a text encoder: pixel codec, random Flux and TinyTextEncoder,
+    and the context of "" computed by that encoder (as pretrain.write_backbone does)."""
+    from minirestore.context import save_context
+    from minirestore.flux import Flux, FluxConfig
+    from minirestore.tiny import TextConfig, TinyTextEncoder, config_json
+
+    d = tmp_path_factory.mktemp("tiny_like")
+    config = FluxConfig(in_channels=48, out_channels=48, vec_in_dim=16, context_in_dim=16, hidden_size=32,
+                        mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6],
+                        guidance_embed=False)
+    g = torch.Generator().manual_seed(0)
+    flux, text = Flux(config), TinyTextEncoder(TextConfig(width=16, num_layers=1, num_heads=2, length=6))
+    with torch.no_grad():
+        for model in (flux, text):
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5 + (p.dim() == 1) * 0.5)
+    save_file(flux.state_dict(), d / "flux.safetensors", metadata={"minirestore_config": json.dumps(asdict(config))})
+    save_file(text.state_dict(), d / "text.safetensors", metadata={"minirestore_config": config_json(text.config)})
+    with torch.no_grad():
+        save_context(d / "context.safetensors", text.encode([""]), {"backbone": "tiny-like", "codec": "pixel2"})
+    return d
+
+
+def test_token_space_starts_at_the_frozen_context_and_gets_gradients(tiny_like_dir):
+    args = replicate.parse_args(["--model", str(tiny_like_dir)])
+    backbone = replicate.load_backbone(args.model)
+    text, ids = replicate.load_text(args, backbone)
+    tokens = torch.nn.Parameter(text.token_embedding(ids).detach().clone())
+    ctx = replicate.token_context(text, ids, tokens)
+    for k in ("txt", "y"):  # step 0 is exactly the frozen model
+        torch.testing.assert_close(ctx[k], backbone.context[k], rtol=0, atol=1e-6)
+    view = replicate.replace(backbone, context=ctx)
+    x = torch.randn(2, 12, 8, 8, generator=torch.Generator().manual_seed(0))
+    view.velocity(x, torch.full((2,), 0.3), None).square().mean().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for p in backbone.model.parameters())  # the backbone stays frozen
+
+
+def test_replication_has_the_token_space_row_when_the_backbone_has_a_text_encoder(tiny_like_dir, tmp_path):
+    out = tmp_path / "replication"
+    argv = ["--model", str(tiny_like_dir), "--degradations", "noise", "--t0-sweep", "", "--out", str(out)]
+    assert replicate.main(argv + SMOKE) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    token = [r for r in rows if r["method"] == "token space (EBR, T0 0.4)"]
+    assert len(token) == 1 and all(math.isfinite(v) for v in token[0]["psnr"] + token[0]["dpsnr"])
+    learned = load_file(str(out / "prompts" / "noise-tokens-t0.4.safetensors"))["tokens"]
+    text, ids = replicate.load_text(replicate.parse_args(["--model", str(tiny_like_dir)]),
+                                    replicate.load_backbone(str(tiny_like_dir)))
+    assert not torch.allclose(learned, text.token_embedding(ids))  # training moved the tokens
+
+
+def test_restore_set_uses_the_prompt_and_the_same_noise_per_image(backbone_dir):
+    backbone = replicate.load_backbone(str(backbone_dir))
+    _, degraded = replicate.held_out(replicate.TEST_BASE, 3, 16, "noise")
+    bridge = replicate.Bridge("ebr", 0.4)
+    bank = backbone.new_prompt(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bank.alpha.fill_(1.0)
+        bank.prompt.mul_(50)
+    plain = replicate.restore_set(backbone, None, bridge, degraded, steps=2)
+    prompted = replicate.restore_set(backbone, bank, bridge, degraded, steps=2)
+    assert (plain - prompted).abs().max() > 1e-3
+    one_by_one = replicate.restore_set(backbone, None, bridge, degraded, steps=2, batch=1)
+    torch.testing.assert_close(one_by_one, plain, rtol=1e-4, atol=1e-5)  # image i's noise does not depend on batching
+
+
+def test_held_out_images_are_fixed_and_disjoint_from_training():
+    clean, degraded = replicate.held_out(replicate.TEST_BASE, 2, 16, "blur")
+    again = replicate.held_out(replicate.TEST_BASE, 2, 16, "blur")
+    assert torch.equal(clean, again[0]) and torch.equal(degraded, again[1])
+    bases = {replicate.TEST_BASE, replicate.VAL_BASE, 7, 999}  # test, validation, prompt training, pretrain eval
+    assert len(bases) == 4 and min(bases) * 1_000_003 > 8000 * 32  # pre-training draws seeds 0 .. steps x batch
