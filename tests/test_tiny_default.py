@@ -1,0 +1,95 @@
+"""The shipped tiny default: it loads, it generates, its prompts restore, and the main job runs.
+
+These use the real weights in weights/tiny/ (about 8.5 MB, committed), so they also guard the files.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minirestore.backbone import TINY_DIR, load_backbone
+from minirestore.bridge import Bridge
+from minirestore.degrade import degrade
+from minirestore.hub import load_flux
+from minirestore.metrics import psnr
+from minirestore.procedural import dead_leaves
+from minirestore.prompts import load_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT = 31  # procedural seed range of the replication's held-out images (not pre-training, not prompt training)
+SHIPPED = ["noise", "blur", "lowlight", "haze"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny")
+
+
+def held_out(n, size=64):
+    return torch.stack([dead_leaves(HELD_OUT * 1_000_003 + i, size)[0] for i in range(n)])
+
+
+def test_shipped_files_and_loading(tiny):
+    sizes = sum(f.stat().st_size for f in TINY_DIR.rglob("*.safetensors"))
+    assert sizes <= 16 * 2**20, sizes
+    model = load_flux("tiny", dtype=torch.float32)
+    assert model.config.hidden_size == 128 and not any(p.requires_grad for p in model.parameters())
+    assert (tiny.name, tiny.K, tiny.D, tiny.n_blocks, tiny.multiple) == ("tiny", 16, 128, 6, 4)
+    meta = json.loads(__import__("safetensors").safe_open(str(TINY_DIR / "flux.safetensors"), "pt").metadata()["pretrain"])
+    assert "seed" in meta and "steps" in meta  # python -m minirestore.pretrain reproduces it from these
+
+
+def test_it_generates_images(tiny):
+    from minirestore.pretrain import sample
+    from minirestore.tiny import load_text_encoder
+
+    text = load_text_encoder(TINY_DIR / "text.safetensors")
+    images = sample(tiny.model, text, ["", "warm many circles smooth sharp"], 32, steps=10, seed=0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.05  # not a flat field
+
+
+@pytest.mark.parametrize("degradation", SHIPPED)
+def test_shipped_prompts_load(tiny, degradation):
+    bank = load_prompt(TINY_DIR / "prompts" / f"{degradation}.safetensors", backbone="tiny", D=128, n_blocks=6)
+    assert bank.meta["degradation"] == degradation and bank.meta.get("bridge", "ebr") == "ebr"
+    assert bank.prompt.shape == (1, 16, 128) and bank.alpha.abs().sum() > 0  # trained: the gates left 0
+
+
+def test_shipped_noise_prompt_restores(tiny):
+    """On held-out images the shipped noise prompt removes noise (the unprompted model already does much of
+    it at T0 0.6; see the README for how little the prompt adds on this backbone)."""
+    bank = load_prompt(TINY_DIR / "prompts" / "noise.safetensors", backbone="tiny", D=128, n_blocks=6)
+    clean = held_out(6)
+    degraded = degrade(clean, "noise", torch.Generator().manual_seed(5))
+    bridge = Bridge("ebr", float(bank.meta["T0"]))
+    x0 = bridge.sample(lambda x, tau: tiny.velocity(x, tau, bank), tiny.encode(degraded), 10,
+                       generator=torch.Generator().manual_seed(0))
+    assert psnr(tiny.decode(x0).cpu(), clean).mean() > psnr(degraded, clean).mean() + 1.0
+
+
+def test_main_job_shortened(tmp_path):
+    """The README's first command, shortened to a few dozen steps: it trains, writes, and improves on
+    the degraded input on held-out images."""
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--degradation", "noise", "--t0", "0.6", "--steps", "40",
+                        "--val-every", "0", "--val-steps", "10"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "weights" / "tiny-noise.safetensors").exists()
+    log = [json.loads(line) for line in (tmp_path / "runs" / "tiny-noise" / "log.jsonl").read_text().splitlines()]
+    final = [rec for rec in log if "psnr" in rec][-1]
+    assert final["step"] == 40 and final["psnr"] > final["psnr_degraded"] + 1.0, final
+    assert list((tmp_path / "runs" / "tiny-noise").glob("preview-*.png"))
+
+
+def test_sample_restores_any_size(tmp_path):
+    from PIL import Image
+
+    img = (held_out(1, 100)[0].permute(1, 2, 0) * 255).byte().numpy()
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), tmp_path / "photo.png", "--steps", "4"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "photo_restored.png").size == (100, 100)
