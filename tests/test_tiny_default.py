@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from minirestore.backbone import TINY_DIR, load_backbone
 from minirestore.bridge import Bridge
@@ -38,7 +39,7 @@ def test_shipped_files_and_loading(tiny):
     model = load_flux("tiny", dtype=torch.float32)
     assert model.config.hidden_size == 128 and not any(p.requires_grad for p in model.parameters())
     assert (tiny.name, tiny.K, tiny.D, tiny.n_blocks, tiny.multiple) == ("tiny", 16, 128, 6, 4)
-    meta = json.loads(__import__("safetensors").safe_open(str(TINY_DIR / "flux.safetensors"), "pt").metadata()["pretrain"])
+    meta = json.loads(safe_open(str(TINY_DIR / "flux.safetensors"), "pt").metadata()["pretrain"])
     assert "seed" in meta and "steps" in meta  # python -m minirestore.pretrain reproduces it from these
 
 
