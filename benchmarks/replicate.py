@@ -18,8 +18,9 @@ PSNR and SSIM (mean and 95% interval, mean +- 1.96 std / sqrt(n)) for:
                           learn the K input token embeddings of the tiny text encoder, so the context is
                           encoder(learned tokens) rather than encoder(""); trained like the EBR prompt
                           (same bridge, steps, lr, data, seed), only where the backbone has text.safetensors
-The last column gives, per image, PSNR(method) - PSNR(EBR) with its 95% interval (a paired comparison on
-the same images and the same sampler noise, tighter than comparing two intervals).
+Two columns give paired differences with their 95% intervals, per image on the same images and the same
+sampler noise (tighter than comparing two intervals): PSNR(method) - PSNR(EBR), and for prompt rows
+PSNR(prompt) - PSNR(no prompt at the same T0). A second table reads the issue's targets off them.
 
 Held-out images: dead_leaves(31 * 1_000_003 + i, size), i < --images; classical tuning uses
 dead_leaves(37 * 1_000_003 + i). Pre-training draws seeds 0 .. steps x batch (< 1_000_003), its evaluation
@@ -305,6 +306,13 @@ def interval(values):
     return v.mean().item(), 1.96 * v.std(unbiased=True).item() / math.sqrt(len(v))
 
 
+def prompted_T0(method):
+    """The T0 of a row whose method uses a learned prompt (or learned tokens), else None."""
+    if method.startswith(("degraded", "best classical", "DnCNN", "no prompt")):
+        return None
+    return float(method.rsplit("T0 ", 1)[1].rstrip(")"))
+
+
 def save_grid(columns, path, rows=4):
     """Images side by side: one row per test image, one column per method; nearest-upscaled to >= 128 px."""
     n = min(rows, len(columns[0]))
@@ -361,8 +369,11 @@ def run_degradation(args, backbone, text, degradation, data_dir):
     for method, x, seconds, note in results:
         p, s = psnr(x, clean), ssim(x, clean)
         same = method.startswith("EBR bridge (the method)")
+        T = prompted_T0(method)  # a prompt row: also compare with the unprompted model at its own T0
         rows.append(dict(degradation=degradation, method=method, psnr=interval(p), ssim=interval(s),
-                         dpsnr=None if same else interval(p - ebr_psnr), train_seconds=seconds, note=note))
+                         dpsnr=None if same else interval(p - ebr_psnr),
+                         dnone=None if T is None else interval(p - psnr(restored[("none", T)], clean)),
+                         train_seconds=seconds, note=note))
     save_grid([degraded, restored[("none", T0)], restored[("naive", T0)], restored[("ddbm", T0)],
                restored[("ebr", T0)], clean], out / f"grid-{degradation}.png")
     timings["evaluation"] = time.time() - tic
@@ -373,21 +384,45 @@ def run_degradation(args, backbone, text, degradation, data_dir):
 # The report
 # ---------------------------------------------------------------------------------------------
 
-HEADER = ["degradation", "method", "PSNR (dB)", "SSIM", "PSNR - EBR (dB)", "training", "notes"]
+HEADER = ["degradation", "method", "PSNR (dB)", "SSIM", "PSNR - EBR (dB)", "PSNR - no prompt (dB)", "training",
+          "notes"]
+# The issue's targets: EBR (at --t0) ahead of each of these by more than the paired 95% interval.
+CLAIMS = [("no prompt", "no prompt (T0 {T0:g})"), ("naive bridge", "naive bridge (T0 {T0:g})"),
+          ("DDBM bridge", "DDBM bridge (T0 {T0:g})"), ("best classical filter", "best classical filter"),
+          ("DnCNN (not a target)", "DnCNN (supervised)")]
 
 
 def seconds(s):
     return "" if s is None else f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
 
 
+def difference(d):
+    return "" if d is None else "{:+.2f} ± {:.2f}".format(*d)
+
+
 def table(rows):
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
         cells = [r["degradation"], r["method"], "{:.2f} ± {:.2f}".format(*r["psnr"]),
-                 "{:.3f} ± {:.3f}".format(*r["ssim"]),
-                 "" if r["dpsnr"] is None else "{:+.2f} ± {:.2f}".format(*r["dpsnr"]),
+                 "{:.3f} ± {:.3f}".format(*r["ssim"]), difference(r["dpsnr"]), difference(r.get("dnone")),
                  seconds(r["train_seconds"]), r["note"]]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def claims(rows, T0):
+    """Per degradation, PSNR(EBR) - PSNR(other) with its paired interval, and whether EBR is ahead by more
+    than the interval ('yes'), behind by more ('no, behind') or within it ('no, within')."""
+    lines = ["| degradation | " + " | ".join(f"EBR - {name}" for name, _ in CLAIMS) + " |",
+             "|---|" + "---|" * len(CLAIMS)]
+    for d in dict.fromkeys(r["degradation"] for r in rows):
+        by_method = {r["method"]: r for r in rows if r["degradation"] == d}
+        cells = []
+        for _, method in CLAIMS:
+            mean, half = by_method[method.format(T0=T0)]["dpsnr"]
+            verdict = "yes" if -mean - half > 0 else "no, behind" if -mean + half < 0 else "no, within"
+            cells.append(f"{-mean:+.2f} ± {half:.2f} ({verdict})")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -402,7 +437,10 @@ def report(args, command, rows, timings, backbone):
         f"{args.sample_steps} sampler steps. "
         "Intervals: mean ± 1.96 std / sqrt(n). 'PSNR - EBR' is the paired per-image difference to the EBR prompt "
         f"at T0 {args.t0:g}. 'training' is the optimiser's wall clock (train.py's log); the DnCNN gets the EBR "
-        "prompt's.", "", table(rows), "", "Timings of this run (s):", ""]
+        "prompt's. 'PSNR - no prompt' is the paired difference of a prompt row to the unprompted model at the "
+        "same T0.", "", table(rows), "",
+        f"The issue's targets, paired PSNR differences (dB) of the EBR prompt at T0 {args.t0:g}; 'yes' where EBR is "
+        "ahead by more than the 95% interval:", "", claims(rows, args.t0), "", "Timings of this run (s):", ""]
     for d, t in timings["per degradation"].items():
         lines.append(f"- {d}: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
     return "\n".join(lines) + "\n"

@@ -117,7 +117,8 @@ def test_dncnn_starts_at_identity_and_learns_to_denoise():
 # ---------------------------------------------------------------------------------------------
 
 def markdown_rows(text):
-    lines = [line for line in text.splitlines() if line.startswith("|")]
+    """The header and rows of the first table in text."""
+    lines = ("|" + text.split("\n\n|", 1)[1]).split("\n\n")[0].splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return header, [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
@@ -142,8 +143,19 @@ def test_replication_smoke_run_and_cached_rerun(backbone_dir, tmp_path, monkeypa
         assert all(len(r[k].split(" ± ")) == 2 for k in (2, 3))
     result = json.loads((out / "results.json").read_text())
     for r in result["rows"]:
-        values = list(r["psnr"]) + list(r["ssim"]) + list(r["dpsnr"] or [])
+        values = list(r["psnr"]) + list(r["ssim"]) + list(r["dpsnr"] or []) + list(r["dnone"] or [])
         assert all(math.isfinite(v) for v in values), r
+        assert (r["dnone"] is not None) == ("bridge" in r["method"]), r  # prompt rows only
+    # The paired difference to no prompt is the difference of the per-image PSNRs: the means subtract.
+    by = {(r["degradation"], r["method"]): r for r in result["rows"]}
+    for d in ("noise", "haze"):
+        for method, none in (("EBR bridge (T0 0.8)", "no prompt (T0 0.8)"), ("naive bridge (T0 0.4)", "no prompt (T0 0.4)")):
+            assert by[d, method]["dnone"][0] == pytest.approx(by[d, method]["psnr"][0] - by[d, none]["psnr"][0], abs=1e-9)
+    claims = md.split("The issue's targets")[1].split("Timings")[0]
+    claim_rows = [line for line in claims.splitlines() if line.startswith("| noise") or line.startswith("| haze")]
+    assert len(claim_rows) == 2 and all(line.count("(yes)") + line.count("(no, ") == 5 for line in claim_rows)
+    ebr, none = by["noise", "EBR bridge (the method) (T0 0.4)"], by["noise", "no prompt (T0 0.4)"]
+    assert claim_rows[0].split(" | ")[1].startswith(f"{-none['dpsnr'][0]:+.2f}")
     for d in ("noise", "haze"):
         grid = replicate.save_image.__globals__["Image"].open(out / f"grid-{d}.png")
         assert grid.size == (6 * 128, 3 * 128)  # 6 columns, 3 images, 16 px upscaled x 8

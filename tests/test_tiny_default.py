@@ -60,16 +60,36 @@ def test_shipped_prompts_load(tiny, degradation):
     assert bank.prompt.shape == (1, 16, 128) and bank.alpha.abs().sum() > 0  # trained: the gates left 0
 
 
+def restore_held_out(tiny, degradation, n=8, steps=10):
+    """(clean, degraded, restored without prompt, restored with the shipped prompt): the same held-out images,
+    the same degradation draw and the same sampler noise for both restorations."""
+    bank = load_prompt(TINY_DIR / "prompts" / f"{degradation}.safetensors", backbone="tiny", D=128, n_blocks=6)
+    clean = held_out(n)
+    degraded = degrade(clean, degradation, torch.Generator().manual_seed(5))
+    bridge = Bridge("ebr", float(bank.meta["T0"]))
+    out = []
+    for prompt in (None, bank):
+        x0 = bridge.sample(lambda x, tau: tiny.velocity(x, tau, prompt), tiny.encode(degraded), steps,
+                           generator=torch.Generator().manual_seed(0))
+        out.append(tiny.decode(x0).cpu())
+    return clean, degraded, *out
+
+
+@pytest.mark.parametrize("degradation", ["noise", "lowlight", "haze"])
+def test_shipped_prompts_restore_better_than_no_prompt(tiny, degradation):
+    """The paper's first claim on the tiny default: the prompt unlocks restoration the frozen model does not do
+    by itself. Blur is left out on purpose: on this 2 M-parameter generator no prompt (no bridge, no T0) beats
+    the unprompted model on blur; the README's replication table shows it."""
+    clean, _, plain, prompted = restore_held_out(tiny, degradation)
+    gain = psnr(prompted, clean) - psnr(plain, clean)
+    assert gain.mean() > 0.1, gain
+
+
 def test_shipped_noise_prompt_restores(tiny):
     """On held-out images the shipped noise prompt removes noise (the unprompted model already does much of
     it at T0 0.6; see the README for how little the prompt adds on this backbone)."""
-    bank = load_prompt(TINY_DIR / "prompts" / "noise.safetensors", backbone="tiny", D=128, n_blocks=6)
-    clean = held_out(6)
-    degraded = degrade(clean, "noise", torch.Generator().manual_seed(5))
-    bridge = Bridge("ebr", float(bank.meta["T0"]))
-    x0 = bridge.sample(lambda x, tau: tiny.velocity(x, tau, bank), tiny.encode(degraded), 10,
-                       generator=torch.Generator().manual_seed(0))
-    assert psnr(tiny.decode(x0).cpu(), clean).mean() > psnr(degraded, clean).mean() + 1.0
+    clean, degraded, _, prompted = restore_held_out(tiny, "noise")
+    assert psnr(prompted, clean).mean() > psnr(degraded, clean).mean() + 1.0
 
 
 def test_main_job_shortened(tmp_path):
