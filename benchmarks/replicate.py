@@ -43,6 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # before benchmarks/, so `import kernels` is the package, not benchmarks/kernels.py
@@ -345,12 +346,16 @@ def run_degradation(args, backbone, text, degradation, data_dir):
                     f"{classical.describe(name, params)}, tuned on {args.val_images} validation images"))
     results.append(("DnCNN (supervised)", dncnn.restore(cnn, degraded), cnn_seconds,
                     f"{cnn_steps} steps of {args.batch_size}, depth {cnn.config.depth}, width {cnn.config.width}"))
-    restored = {}
-    for T in dict.fromkeys([T0] + args.t0_sweep):  # the unprompted model at each horizon
+    restored, horizons = {}, list(dict.fromkeys([T0] + args.t0_sweep))
+    bar = tqdm(total=len(horizons) + len(prompts) + (tokens is not None), desc=f"evaluating {degradation}",
+               unit="method")
+    for T in horizons:  # the unprompted model at each horizon
         restored[("none", T)] = restore_set(backbone, None, Bridge("ebr", T), degraded, args.sample_steps)
+        bar.update()
     for key, (path, _) in prompts.items():
         bank = load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks).to(backbone.device)
         restored[key] = restore_set(backbone, bank, prompt_bridge(bank), degraded, args.sample_steps)
+        bar.update()
     results.append((f"no prompt (T0 {T0:g})", restored[("none", T0)], None, "frozen model, EBR sampler"))
     for kind, label in (("naive", "naive bridge"), ("ddbm", "DDBM bridge"), ("ebr", "EBR bridge (the method)")):
         results.append((f"{label} (T0 {T0:g})", restored[(kind, T0)], prompts[(kind, T0)][1], "prompt P + alpha"))
@@ -363,6 +368,8 @@ def run_degradation(args, backbone, text, degradation, data_dir):
         results.append((f"token space (EBR, T0 {T0:g})", restore_set(view, None, Bridge("ebr", T0), degraded,
                                                                       args.sample_steps), tokens[1],
                         "learned input tokens of the text encoder, no P in the blocks"))
+        bar.update()
+    bar.close()
 
     ebr_psnr = psnr(restored[("ebr", T0)], clean)
     rows = []
@@ -447,7 +454,7 @@ def report(args, command, rows, timings, backbone):
 
 
 def main(argv=None):
-    command = "python benchmarks/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("python benchmarks/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     args = parse_args(argv)
     start = time.time()
     backbone = load_backbone(args.model, args.device, torch.float32)
