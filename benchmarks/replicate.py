@@ -307,13 +307,6 @@ def interval(values):
     return v.mean().item(), 1.96 * v.std(unbiased=True).item() / math.sqrt(len(v))
 
 
-def prompted_T0(method):
-    """The T0 of a row whose method uses a learned prompt (or learned tokens), else None."""
-    if method.startswith(("degraded", "best classical", "DnCNN", "no prompt")):
-        return None
-    return float(method.rsplit("T0 ", 1)[1].rstrip(")"))
-
-
 def save_grid(columns, path, rows=4):
     """Images side by side: one row per test image, one column per method; nearest-upscaled to >= 128 px."""
     n = min(rows, len(columns[0]))
@@ -339,13 +332,14 @@ def run_degradation(args, backbone, text, degradation, data_dir):
     timings = {"training (this run)": time.time() - tic}
 
     tic = time.time()
-    results = []  # (method, restored, training seconds, note)
-    results.append(("degraded input", degraded, None, ", ".join(f"{k} {v}" for k, v in STRENGTHS[degradation].items())))
+    results = []  # (method, restored, training seconds, note, T0 of a learned prompt or None)
+    results.append(("degraded input", degraded, None, ", ".join(f"{k} {v}" for k, v in STRENGTHS[degradation].items()),
+                    None))
     name, fn, params, _ = classical.tune(degradation, val_degraded, val_clean)
     results.append(("best classical filter", fn(degraded, **params), None,
-                    f"{classical.describe(name, params)}, tuned on {args.val_images} validation images"))
+                    f"{classical.describe(name, params)}, tuned on {args.val_images} validation images", None))
     results.append(("DnCNN (supervised)", dncnn.restore(cnn, degraded), cnn_seconds,
-                    f"{cnn_steps} steps of {args.batch_size}, depth {cnn.config.depth}, width {cnn.config.width}"))
+                    f"{cnn_steps} steps of {args.batch_size}, depth {cnn.config.depth}, width {cnn.config.width}", None))
     restored, horizons = {}, list(dict.fromkeys([T0] + args.t0_sweep))
     bar = tqdm(total=len(horizons) + len(prompts) + (tokens is not None), desc=f"evaluating {degradation}",
                unit="method")
@@ -356,27 +350,26 @@ def run_degradation(args, backbone, text, degradation, data_dir):
         bank = load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks).to(backbone.device)
         restored[key] = restore_set(backbone, bank, prompt_bridge(bank), degraded, args.sample_steps)
         bar.update()
-    results.append((f"no prompt (T0 {T0:g})", restored[("none", T0)], None, "frozen model, EBR sampler"))
+    results.append((f"no prompt (T0 {T0:g})", restored[("none", T0)], None, "frozen model, EBR sampler", None))
     for kind, label in (("naive", "naive bridge"), ("ddbm", "DDBM bridge"), ("ebr", "EBR bridge (the method)")):
-        results.append((f"{label} (T0 {T0:g})", restored[(kind, T0)], prompts[(kind, T0)][1], "prompt P + alpha"))
+        results.append((f"{label} (T0 {T0:g})", restored[(kind, T0)], prompts[(kind, T0)][1], "prompt P + alpha", T0))
     for T in args.t0_sweep:
         if T != T0:
-            results.append((f"no prompt (T0 {T:g})", restored[("none", T)], None, "T0 sweep"))
-            results.append((f"EBR bridge (T0 {T:g})", restored[("ebr", T)], prompts[("ebr", T)][1], "T0 sweep"))
+            results.append((f"no prompt (T0 {T:g})", restored[("none", T)], None, "T0 sweep", None))
+            results.append((f"EBR bridge (T0 {T:g})", restored[("ebr", T)], prompts[("ebr", T)][1], "T0 sweep", T))
     if tokens is not None:
         view = replace(backbone, context={k: v.detach() for k, v in token_context(*text, tokens[0]).items()})
         results.append((f"token space (EBR, T0 {T0:g})", restore_set(view, None, Bridge("ebr", T0), degraded,
                                                                       args.sample_steps), tokens[1],
-                        "learned input tokens of the text encoder, no P in the blocks"))
+                        "learned input tokens of the text encoder, no P in the blocks", T0))
         bar.update()
     bar.close()
 
     ebr_psnr = psnr(restored[("ebr", T0)], clean)
     rows = []
-    for method, x, seconds, note in results:
+    for method, x, seconds, note, T in results:  # a prompt row is also compared with no prompt at its own T0
         p, s = psnr(x, clean), ssim(x, clean)
         same = method.startswith("EBR bridge (the method)")
-        T = prompted_T0(method)  # a prompt row: also compare with the unprompted model at its own T0
         rows.append(dict(degradation=degradation, method=method, psnr=interval(p), ssim=interval(s),
                          dpsnr=None if same else interval(p - ebr_psnr),
                          dnone=None if T is None else interval(p - psnr(restored[("none", T)], clean)),

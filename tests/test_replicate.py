@@ -154,7 +154,7 @@ def test_replication_smoke_run_and_cached_rerun(backbone_dir, tmp_path, monkeypa
     claims = md.split("The issue's targets")[1].split("Timings")[0]
     claim_rows = [line for line in claims.splitlines() if line.startswith("| noise") or line.startswith("| haze")]
     assert len(claim_rows) == 2 and all(line.count("(yes)") + line.count("(no, ") == 5 for line in claim_rows)
-    ebr, none = by["noise", "EBR bridge (the method) (T0 0.4)"], by["noise", "no prompt (T0 0.4)"]
+    none = by["noise", "no prompt (T0 0.4)"]
     assert claim_rows[0].split(" | ")[1].startswith(f"{-none['dpsnr'][0]:+.2f}")
     for d in ("noise", "haze"):
         grid = replicate.save_image.__globals__["Image"].open(out / f"grid-{d}.png")

@@ -33,6 +33,10 @@ def held_out(n, size=64):
     return torch.stack([dead_leaves(HELD_OUT * 1_000_003 + i, size)[0] for i in range(n)])
 
 
+def shipped_prompt(degradation):
+    return load_prompt(TINY_DIR / "prompts" / f"{degradation}.safetensors", backbone="tiny", D=128, n_blocks=6)
+
+
 def test_shipped_files_and_loading(tiny):
     sizes = sum(f.stat().st_size for f in TINY_DIR.rglob("*.safetensors"))
     assert sizes <= 16 * 2**20, sizes
@@ -55,7 +59,7 @@ def test_it_generates_images(tiny):
 
 @pytest.mark.parametrize("degradation", SHIPPED)
 def test_shipped_prompts_load(tiny, degradation):
-    bank = load_prompt(TINY_DIR / "prompts" / f"{degradation}.safetensors", backbone="tiny", D=128, n_blocks=6)
+    bank = shipped_prompt(degradation)
     assert bank.meta["degradation"] == degradation and bank.meta.get("bridge", "ebr") == "ebr"
     assert bank.prompt.shape == (1, 16, 128) and bank.alpha.abs().sum() > 0  # trained: the gates left 0
 
@@ -63,13 +67,13 @@ def test_shipped_prompts_load(tiny, degradation):
 def restore_held_out(tiny, degradation, n=8, steps=10):
     """(clean, degraded, restored without prompt, restored with the shipped prompt): the same held-out images,
     the same degradation draw and the same sampler noise for both restorations."""
-    bank = load_prompt(TINY_DIR / "prompts" / f"{degradation}.safetensors", backbone="tiny", D=128, n_blocks=6)
+    bank = shipped_prompt(degradation)
     clean = held_out(n)
     degraded = degrade(clean, degradation, torch.Generator().manual_seed(5))
-    bridge = Bridge("ebr", float(bank.meta["T0"]))
+    bridge, Y = Bridge("ebr", float(bank.meta["T0"])), tiny.encode(degraded)
     out = []
     for prompt in (None, bank):
-        x0 = bridge.sample(lambda x, tau: tiny.velocity(x, tau, prompt), tiny.encode(degraded), steps,
+        x0 = bridge.sample(lambda x, tau: tiny.velocity(x, tau, prompt), Y, steps,
                            generator=torch.Generator().manual_seed(0))
         out.append(tiny.decode(x0).cpu())
     return clean, degraded, *out
