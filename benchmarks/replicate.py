@@ -23,8 +23,9 @@ sampler noise (tighter than comparing two intervals): PSNR(method) - PSNR(EBR), 
 PSNR(prompt) - PSNR(no prompt at the same T0). A second table reads the issue's targets off them.
 
 Held-out images: dead_leaves(31 * 1_000_003 + i, size), i < --images; classical tuning uses
-dead_leaves(37 * 1_000_003 + i). Pre-training draws seeds 0 .. steps x batch (< 1_000_003), its evaluation
-999 * 1_000_003 + i, and prompt training 7 * 1_000_003 + i (CleanProcedural), so all four sets are disjoint.
+dead_leaves(37 * 1_000_003 + i). Pre-training with --seed s draws seeds s * 1_000_003 + [0, steps x batch)
+(s = 0, then 1 for the second stage), its evaluation 999 * 1_000_003 + i, and prompt training
+7 * 1_000_003 + i (CleanProcedural), so all these sets are disjoint.
 Each test image is degraded once with the fixed strengths of STRENGTHS and the generator seeded by its own
 seed; every restoration of image i starts from the same noise (seed 5_000 + i).
 
@@ -143,6 +144,22 @@ def training_set(args, backbone, degradation, data_dir):
     return split(dataset, val_count=min(VAL_COUNT, len(dataset) - 1), seed=args.seed)[0]
 
 
+@torch.no_grad()
+def fingerprint(model):
+    """A short hash of a model's weights (names, shapes and 16 values spread over each tensor), cheap even
+    at 12 B parameters: a cached prompt is reused only on the backbone it was trained on, so a re-trained
+    backbone under the same name ("tiny") trains its prompts again."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, w in model.state_dict().items():
+        flat = w.flatten()
+        idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel()), device=flat.device).long()
+        h.update(f"{name}{tuple(w.shape)}".encode())
+        h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cached(path, config, retrain):
     """The sidecar record of a cached file, if it exists and was made with the same config."""
     meta = path.with_suffix(".json")
@@ -160,7 +177,8 @@ def train_prompt(args, backbone, degradation, kind, T0, data_dir):
     """A prompt trained by train.main with explicit flags -> (path, training seconds). Cached."""
     name = f"{degradation}-{kind}-t{T0:g}"
     path = Path(args.out) / "prompts" / f"{name}.safetensors"
-    config = dict(model=backbone.name, degradation=degradation, bridge=kind, T0=T0, steps=args.steps, lr=args.lr,
+    config = dict(model=backbone.name, weights=fingerprint(backbone.model), degradation=degradation, bridge=kind,
+                  T0=T0, steps=args.steps, lr=args.lr,
                   batch_size=args.batch_size, size=args.size, seed=args.seed,
                   pool=None if data_dir is None else args.pool)
     record = cached(path, config, args.retrain)
@@ -218,7 +236,8 @@ def train_tokens(args, backbone, text, ids, degradation, data_dir):
     from safetensors.torch import load_file, save_file
 
     path = Path(args.out) / "prompts" / f"{degradation}-tokens-t{args.t0:g}.safetensors"
-    config = dict(model=backbone.name, degradation=degradation, bridge="ebr", T0=args.t0, steps=args.steps,
+    config = dict(model=backbone.name, weights=fingerprint(backbone.model), degradation=degradation,
+                  bridge="ebr", T0=args.t0, steps=args.steps,
                   lr=args.lr, batch_size=args.batch_size, size=args.size, seed=args.seed,
                   pool=None if data_dir is None else args.pool, space="tokens")
     record = cached(path, config, args.retrain)

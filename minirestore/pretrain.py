@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default="runs/pretrain", help="sample grids, checkpoint.pt, eval.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from a backbone folder's weights (a second stage: a fresh optimizer and schedule; "
+                        "use another --seed so it sees new images)")
     p.add_argument("--sample-every", type=int, default=500)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--sample-steps", type=int, default=25, help="Euler steps of the sample grids")
@@ -73,6 +77,24 @@ def batch(step, batch_size, size, seed):
     images [B, 3, size, size] in [0, 1] and their prompts (descriptor words joined by spaces)."""
     items = [dead_leaves(seed * 1_000_003 + step * batch_size + j, size) for j in range(batch_size)]
     return torch.stack([im for im, _ in items]), [" ".join(words) for _, words in items]
+
+
+def load_init(folder, flux, text):
+    """Load a backbone folder's flux.safetensors and text.safetensors (as write_backbone writes them) into
+    flux and text. -> the pretrain config stored in their metadata (a dict)."""
+    folder = Path(folder)
+    for name in ("flux.safetensors", "text.safetensors"):
+        if not (folder / name).is_file():
+            raise SystemExit(f"--init {folder}: no {name} there; give a folder that pretrain wrote (--out)")
+    for module, name in ((flux, "flux.safetensors"), (text, "text.safetensors")):
+        with safe_open(str(folder / name), "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"--init {folder / name}: not a tiny backbone (missing keys {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+    return json.loads(meta.get("pretrain", "{}"))
 
 
 def init_weights(flux):
@@ -210,6 +232,8 @@ def train(args):
     flux = init_weights(Flux(TINY)).to(device)
     text = TinyTextEncoder(TextConfig()).to(device)
     torch.nn.init.normal_(text.position_embedding, std=0.02)
+    if args.init:  # stage 2: the weights of an earlier run; its config goes into ours, so the lineage is stored
+        pretrain_config["init_pretrain"] = load_init(args.init, flux, text)
     ema_flux, ema_text = copy.deepcopy(flux).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     params = list(flux.parameters()) + list(text.parameters())
     ema_params = list(ema_flux.parameters()) + list(ema_text.parameters())

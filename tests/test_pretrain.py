@@ -55,6 +55,27 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), k
 
 
+def test_init_starts_a_second_stage_from_a_backbone_folder(tmp_path):
+    _, _, ema_a, ema_text_a, _ = pretrain.train(_args(tmp_path / "a", "--steps", "2"))
+    # Zero steps from a's folder: the weights written are a's, and the metadata keeps a's config.
+    flux_b, text_b, *_ = pretrain.train(_args(tmp_path / "b", "--steps", "0", "--seed", "1",
+                                             "--init", str(tmp_path / "a" / "w")))
+    for (k, a), (_, b) in zip(ema_a.state_dict().items(), flux_b.state_dict().items()):
+        assert torch.equal(a, b), k
+    with torch.no_grad():
+        assert torch.equal(ema_text_a.encode(["warm"])["txt"], text_b.encode(["warm"])["txt"])
+    meta = json.loads(hub.Checkpoint([tmp_path / "b" / "w" / "flux.safetensors"]).metadata["pretrain"])
+    assert meta["seed"] == 1 and meta["init_pretrain"]["seed"] == 0 and meta["init_pretrain"]["steps"] == 2
+    # and it trains on from there
+    flux_c, *_ = pretrain.train(_args(tmp_path / "c", "--steps", "1", "--init", str(tmp_path / "a" / "w")))
+    assert not torch.equal(flux_c.state_dict()["img_in.weight"], flux_b.state_dict()["img_in.weight"])
+
+
+def test_init_from_a_folder_without_weights_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no flux.safetensors there"):
+        pretrain.train(_args(tmp_path, "--steps", "1", "--init", str(tmp_path / "nowhere")))
+
+
 def test_main_writes_the_evaluation(tmp_path):
     pretrain.main(TINY_RUN + ["--steps", "1", "--out", str(tmp_path / "w"), "--run-dir", str(tmp_path / "run")])
     result = json.loads((tmp_path / "run" / "eval.json").read_text())

@@ -7,6 +7,7 @@ every row and column is in the table, every number is finite, the grids are writ
 cached prompts and DnCNN instead of training. The token-space baseline starts exactly at the frozen model.
 """
 import importlib.util
+import copy
 import json
 import math
 import sys
@@ -177,6 +178,22 @@ def test_replication_smoke_run_and_cached_rerun(backbone_dir, tmp_path, monkeypa
         replicate.main(argv + SMOKE + ["--retrain"])
 
 
+def test_fingerprint_tells_backbones_apart():
+    """Cached prompts are keyed by it: another pre-training of "tiny" must not reuse the old prompts."""
+    from minirestore.flux import Flux
+    from minirestore.tiny import TINY
+
+    torch.manual_seed(0)
+    a = Flux(TINY)
+    b = copy.deepcopy(a)
+    assert replicate.fingerprint(a) == replicate.fingerprint(b)
+    with torch.no_grad():
+        b.img_in.weight.add_(1e-3)  # one tensor changed slightly, as after more training
+    assert replicate.fingerprint(a) != replicate.fingerprint(b)
+    torch.manual_seed(1)
+    assert replicate.fingerprint(a) != replicate.fingerprint(Flux(TINY))
+
+
 @pytest.fixture(scope="module")
 def tiny_like_dir(tmp_path_factory):
     """A tiny-shaped backbone folder with a text encoder: pixel codec, random Flux and TinyTextEncoder,
@@ -250,4 +267,5 @@ def test_held_out_images_are_fixed_and_disjoint_from_training():
     again = replicate.held_out(replicate.TEST_BASE, 2, 16, "blur")
     assert torch.equal(clean, again[0]) and torch.equal(degraded, again[1])
     bases = {replicate.TEST_BASE, replicate.VAL_BASE, 7, 999}  # test, validation, prompt training, pretrain eval
-    assert len(bases) == 4 and min(bases) * 1_000_003 > 8000 * 32  # pre-training draws seeds 0 .. steps x batch
+    # Pre-training with --seed s draws the seeds s x 1_000_003 + [0, steps x batch): s = 0 and 1 (two stages).
+    assert len(bases) == 4 and min(bases) * 1_000_003 > 1 * 1_000_003 + 8000 * 32
