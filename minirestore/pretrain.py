@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from . import hub
 from .context import save_context
 from .flux import Flux, get_schedule, pack, prepare_ids, unpack
 from .procedural import colour_histogram_distance, dead_leaves, radial_power_slope
-from .tiny import TINY, PixelCodec, TextConfig, TinyTextEncoder
+from .tiny import TINY, PixelCodec, TextConfig, TinyTextEncoder, load_text_encoder
 
 EVAL_SEED = 999  # held-out procedural images: ProceduralImages(n, size, seed=999); training uses --seed
 GRID_PROMPTS = ["", "warm many circles smooth sharp", "cool few squares textured soft",
@@ -80,21 +80,18 @@ def batch(step, batch_size, size, seed):
 
 
 def load_init(folder, flux, text):
-    """Load a backbone folder's flux.safetensors and text.safetensors (as write_backbone writes them) into
-    flux and text. -> the pretrain config stored in their metadata (a dict)."""
+    """Copy a backbone folder's weights (flux.safetensors, text.safetensors, as write_backbone writes them,
+    read by the package's one loader) into flux and text. -> the pretrain config in their metadata (a dict)."""
     folder = Path(folder)
     for name in ("flux.safetensors", "text.safetensors"):
         if not (folder / name).is_file():
             raise SystemExit(f"--init {folder}: no {name} there; give a folder that pretrain wrote (--out)")
-    for module, name in ((flux, "flux.safetensors"), (text, "text.safetensors")):
-        with safe_open(str(folder / name), "pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata() or {}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise SystemExit(f"--init {folder / name}: not a tiny backbone (missing keys {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
-    return json.loads(meta.get("pretrain", "{}"))
+    loaded = hub.load_flux(folder / "flux.safetensors", dtype=torch.float32)
+    if loaded.config != flux.config:
+        raise SystemExit(f"--init {folder}: its transformer is {loaded.config}, not the tiny preset")
+    flux.load_state_dict(loaded.state_dict())
+    text.load_state_dict(load_text_encoder(folder / "text.safetensors").state_dict())
+    return json.loads(hub.Checkpoint([folder / "flux.safetensors"]).metadata.get("pretrain", "{}"))
 
 
 def init_weights(flux):
