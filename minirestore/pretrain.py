@@ -1,4 +1,4 @@
-"""Pre-train the tiny default backbone: `python -m minirestore.pretrain` reproduces weights/tiny.
+"""Pre-train the tiny default backbone, weights/tiny: `python -m minirestore.pretrain`.
 
 Rectified flow (minRF, SD3) on procedural dead-leaves images, the transformer `Flux(TINY)` and the
 `TinyTextEncoder` trained jointly from scratch:
@@ -11,9 +11,12 @@ distribution: the restoration method runs it on the empty-prompt context (paper.
 size drawn from --sizes (one seed draws the same scene at any size), so sampling works beyond 64 x 64.
 AdamW, linear warm-up then cosine decay, gradient clipping; an EMA of the weights is what gets saved.
 
+The shipped weights are two stages (their metadata holds both configs): `--steps 4000`, then a warm restart
+on new images, `--init weights/tiny --seed 1 --steps 3500 --lr 3e-4 --warmup 200 --run-dir runs/pretrain-2`.
+
 Outputs: the backbone folder --out (flux.safetensors with BFL keys, text.safetensors, context.safetensors
 for ""), sample grids, checkpoint.pt (for --resume) and eval.json (generated vs held-out statistics) in
---run-dir. Defaults: ~2 hours on 2 CPU cores (~0.9 s a step); a GPU does the same in a few minutes.
+--run-dir. Defaults (8000 steps): ~2 hours on 2 CPU cores (~0.9 s a step); a GPU does the same in a few minutes.
 """
 import argparse
 import copy
