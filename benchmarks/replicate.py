@@ -178,8 +178,7 @@ def train_prompt(args, backbone, degradation, kind, T0, data_dir):
     name = f"{degradation}-{kind}-t{T0:g}"
     path = Path(args.out) / "prompts" / f"{name}.safetensors"
     config = dict(model=backbone.name, weights=fingerprint(backbone.model), degradation=degradation, bridge=kind,
-                  T0=T0, steps=args.steps, lr=args.lr,
-                  batch_size=args.batch_size, size=args.size, seed=args.seed,
+                  T0=T0, steps=args.steps, lr=args.lr, batch_size=args.batch_size, size=args.size, seed=args.seed,
                   pool=None if data_dir is None else args.pool)
     record = cached(path, config, args.retrain)
     if record is None:
@@ -236,10 +235,9 @@ def train_tokens(args, backbone, text, ids, degradation, data_dir):
     from safetensors.torch import load_file, save_file
 
     path = Path(args.out) / "prompts" / f"{degradation}-tokens-t{args.t0:g}.safetensors"
-    config = dict(model=backbone.name, weights=fingerprint(backbone.model), degradation=degradation,
-                  bridge="ebr", T0=args.t0, steps=args.steps,
-                  lr=args.lr, batch_size=args.batch_size, size=args.size, seed=args.seed,
-                  pool=None if data_dir is None else args.pool, space="tokens")
+    config = dict(model=backbone.name, weights=fingerprint(backbone.model), degradation=degradation, bridge="ebr",
+                  T0=args.t0, steps=args.steps, lr=args.lr, batch_size=args.batch_size, size=args.size,
+                  seed=args.seed, pool=None if data_dir is None else args.pool, space="tokens")
     record = cached(path, config, args.retrain)
     if record is not None:
         return load_file(str(path))["tokens"].to(args.device), record["train_seconds"]

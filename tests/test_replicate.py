@@ -6,8 +6,8 @@ The replication itself runs end to end at smoke scale on random backbones (its n
 every row and column is in the table, every number is finite, the grids are written, and a rerun reuses the
 cached prompts and DnCNN instead of training. The token-space baseline starts exactly at the frozen model.
 """
-import importlib.util
 import copy
+import importlib.util
 import json
 import math
 import sys
