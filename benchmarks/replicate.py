@@ -35,6 +35,7 @@ Outputs in --out: results.md (the table, the command, the date, timings), result
 """
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import shlex
@@ -149,8 +150,6 @@ def fingerprint(model):
     """A short hash of a model's weights (names, shapes and 16 values spread over each tensor), cheap even
     at 12 B parameters: a cached prompt is reused only on the backbone it was trained on, so a re-trained
     backbone under the same name ("tiny") trains its prompts again."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, w in model.state_dict().items():
         flat = w.flatten()

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import hub
+from .cli import run
 from .context import save_context
 from .flux import Flux, get_schedule, pack, prepare_ids, unpack
 from .procedural import colour_histogram_distance, dead_leaves, radial_power_slope
@@ -311,4 +312,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
