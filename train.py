@@ -1,6 +1,6 @@
 """Learn a restoration prompt on a frozen diffusion backbone (arXiv 2604.04924).
 
-    python train.py --degradation noise --t0 0.6                     the tiny default, procedural data, CPU
+    python train.py --degradation noise --t0 0.6                     the tiny default on photographs, CPU
     python train.py --model flux-dev --degradation haze --data photos/
 
 Only the prompt P [1, K, D] and the per-block gates alpha train. Each step:
@@ -26,7 +26,7 @@ from minirestore import UserError
 from minirestore.cli import Help, run
 from minirestore.backbone import load_backbone
 from minirestore.bridge import KINDS, Bridge
-from minirestore.data import (CleanFolder, CleanProcedural, ClipFolder, PairedFolder, is_clip_folder, parse_resolution,
+from minirestore.data import (CleanFolder, CleanPhotos, ClipFolder, PairedFolder, is_clip_folder, parse_resolution,
                               save_image, split)
 from minirestore.degrade import parse
 from minirestore.distributed import average_gradients, barrier, close, init, sum_across
@@ -40,7 +40,7 @@ DEFAULTS = {  # per backbone: crop size, optimiser steps, learning rate (paper.m
 }
 
 
-PROCEDURAL_IMAGES = 4096  # the tiny default's training pool when no --data is given
+PHOTO_ITEMS = 4096  # the tiny default's epoch when no --data is given: fresh crops of the training photographs
 
 
 def parse_args(argv=None):
@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
     p.add_argument("--ddbm-sigma", type=float, default=1.0, help="noise scale of the ddbm baseline's Brownian bridge")
     p.add_argument("--data", help="a folder of clean images (degraded on the fly), a paired folder with clean/ and "
-                   "degraded/, or clips for Wan (default for tiny: procedural images it was not pre-trained on)")
+                   "degraded/, or clips for Wan (default for tiny: crops of its training photographs, validated on the "
+                   "val photographs; python -m minirestore.photos fetches them)")
     p.add_argument("--resolution", type=parse_resolution,
                    help="training crop: 512 or height x width like 480x832 (default: 64 tiny, 512 FLUX, 480x832 Wan)")
     p.add_argument("--frames", type=int, default=33, help="frames per training clip (Wan, clip data; 4k+1)")
@@ -165,8 +166,8 @@ def main(argv=None):
         raise UserError(f"--resolution {resolution} must be a multiple of {backbone.multiple} for {backbone.name}")
     paired = data is not None and (data / "clean").is_dir() and (data / "degraded").is_dir()
     degradation = "+".join(parse(args.degradation)) if not paired else args.degradation
-    if data is None:  # the tiny default: procedural images from seeds it was not pre-trained on
-        dataset = CleanProcedural(PROCEDURAL_IMAGES, degradation, resolution, seed=args.seed)
+    if data is None:  # the tiny default: its training photographs; validation on other photographs
+        dataset = CleanPhotos("train", PHOTO_ITEMS, degradation, resolution, seed=args.seed)
     elif is_clip_folder(data):
         if backbone.kind != "wan":
             raise UserError(f"{data} holds video clips; {backbone.name} trains on images (use a Wan backbone)")
@@ -174,7 +175,11 @@ def main(argv=None):
     else:
         dataset = (PairedFolder(data, resolution, seed=args.seed) if paired
                    else CleanFolder(data, degradation, resolution, seed=args.seed))
-    train_set, val_set = split(dataset, val_count=min(args.val_count, len(dataset) - 1), seed=args.seed)
+    if data is None:
+        train_set = dataset
+        val_set = CleanPhotos("val", args.val_count, degradation, resolution, train=False, seed=args.seed)
+    else:
+        train_set, val_set = split(dataset, val_count=min(args.val_count, len(dataset) - 1), seed=args.seed)
     if len(val_set) < world.size:
         raise UserError(f"--val-count {len(val_set)} is smaller than the {world.size} processes: each needs one")
     if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and args.device.startswith("cuda")):

@@ -4,7 +4,9 @@
     python benchmarks/replicate.py --images 10 --steps 100   # a quick look
 
 The claims (arXiv 2604.04924): a learned prompt unlocks restoration in a frozen generator, and the EBR
-bridge beats the naive and DDBM bridges. For each degradation, on held-out procedural images, a table of
+bridge beats the naive and DDBM bridges. This is the procedural protocol (prompts train on a folder of
+dead-leaves images written to --out, since train.py's tiny default now trains on photographs; the
+natural-photo benchmark is benchmarks/photos.py). For each degradation, on held-out procedural images, a table of
 PSNR and SSIM (mean and 95% interval, mean +- 1.96 std / sqrt(n)) for:
 
   degraded input
@@ -74,6 +76,7 @@ STRENGTHS = {  # the test images' fixed degradations (inside the ranges the prom
 }
 TEST_BASE, VAL_BASE, SAMPLE_SEED = 31, 37, 5_000
 VAL_COUNT = 4  # train.py's held-out images (its --val-count); the split fixes the training set
+PROCEDURAL_IMAGES = 4096  # the prompts' training pool
 
 
 def parse_args(argv=None):
@@ -92,8 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps (network evaluations)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every prompt and of the DnCNN")
     p.add_argument("--cnn-seconds", type=float, help="DnCNN training budget (default: the EBR prompt's training time)")
-    p.add_argument("--pool", type=int, default=train.PROCEDURAL_IMAGES,
-                   help="procedural training images written for a backbone folder (tiny uses train.py's own pool)")
+    p.add_argument("--pool", type=int, default=PROCEDURAL_IMAGES,
+                   help="procedural training images written to a folder that train.py trains on (--data)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "replication"), help="results, grids and caches")
     p.add_argument("--retrain", action="store_true", help="train every prompt and the DnCNN again")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -138,10 +141,7 @@ def write_pool(folder, n, size):
 
 def training_set(args, backbone, degradation, data_dir):
     """The training split train.py builds for these flags (the DnCNN and the token loop reuse it)."""
-    if data_dir is None:
-        dataset = CleanProcedural(train.PROCEDURAL_IMAGES, degradation, args.size, seed=args.seed)
-    else:
-        dataset = CleanFolder(data_dir, degradation, args.size, seed=args.seed)
+    dataset = CleanFolder(data_dir, degradation, args.size, seed=args.seed)
     return split(dataset, val_count=min(VAL_COUNT, len(dataset) - 1), seed=args.seed)[0]
 
 
@@ -178,7 +178,7 @@ def train_prompt(args, backbone, degradation, kind, T0, data_dir):
     path = Path(args.out) / "prompts" / f"{name}.safetensors"
     config = dict(model=backbone.name, weights=fingerprint(backbone.model), degradation=degradation, bridge=kind,
                   T0=T0, steps=args.steps, lr=args.lr, batch_size=args.batch_size, size=args.size, seed=args.seed,
-                  pool=None if data_dir is None else args.pool)
+                  pool=args.pool)
     record = cached(path, config, args.retrain)
     if record is None:
         run_dir = Path(args.out) / "runs" / name
@@ -188,7 +188,7 @@ def train_prompt(args, backbone, degradation, kind, T0, data_dir):
                 "--steps", str(args.steps), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
                 "--resolution", str(args.size), "--seed", str(args.seed), "--out", str(path), "--run-dir", str(run_dir),
                 "--val-every", "0", "--val-count", str(VAL_COUNT), "--val-steps", str(args.sample_steps),
-                "--device", args.device, "--dtype", "fp32"] + ([] if data_dir is None else ["--data", str(data_dir)])
+                "--device", args.device, "--dtype", "fp32", "--data", str(data_dir)]
         print(f"\n== training {name}: python train.py {shlex.join(argv)}", flush=True)
         if train.main(argv) != 0:
             raise UserError(f"training {name} did not finish")
@@ -236,7 +236,7 @@ def train_tokens(args, backbone, text, ids, degradation, data_dir):
     path = Path(args.out) / "prompts" / f"{degradation}-tokens-t{args.t0:g}.safetensors"
     config = dict(model=backbone.name, weights=fingerprint(backbone.model), degradation=degradation, bridge="ebr",
                   T0=args.t0, steps=args.steps, lr=args.lr, batch_size=args.batch_size, size=args.size,
-                  seed=args.seed, pool=None if data_dir is None else args.pool, space="tokens")
+                  seed=args.seed, pool=args.pool, space="tokens")
     record = cached(path, config, args.retrain)
     if record is not None:
         return load_file(str(path))["tokens"].to(args.device), record["train_seconds"]
@@ -270,7 +270,7 @@ def train_cnn(args, backbone, degradation, data_dir, seconds):
     """The DnCNN on train.py's batches for `seconds` of wall clock -> (model, steps, seconds). Cached."""
     path = Path(args.out) / "runs" / "dncnn" / f"{degradation}.pt"
     config = dict(degradation=degradation, budget=round(seconds, 3), batch_size=args.batch_size, size=args.size,
-                  seed=args.seed, pool=None if data_dir is None else args.pool, net=vars(dncnn.DnCNNConfig()))
+                  seed=args.seed, pool=args.pool, net=vars(dncnn.DnCNNConfig()))
     record = cached(path, config, args.retrain)
     if record is not None:
         return dncnn.load(path)[0], record["steps"], record["seconds"]
@@ -471,7 +471,7 @@ def main(argv=None):
         raise UserError(f"--size {args.size} must be a multiple of {backbone.multiple} for {backbone.name}")
     out = Path(args.out)
     (out / "prompts").mkdir(parents=True, exist_ok=True)
-    data_dir = None if backbone.name == "tiny" else write_pool(out / "runs" / f"pool-{args.size}", args.pool, args.size)
+    data_dir = write_pool(out / "runs" / f"pool-{args.size}", args.pool, args.size)  # train.py's tiny default is photos
     text = load_text(args, backbone)
     rows, per = [], {}
     for degradation in args.degradations:

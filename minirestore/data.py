@@ -252,6 +252,29 @@ class CleanProcedural(CleanFolder):
         return image, f"leaves-{self.base}-{i}"
 
 
+class CleanPhotos(CleanFolder):
+    """The tiny default's data: crops of one split's photographs (photos.py), degraded on the fly.
+
+    n items; a train item is a fresh multi-scale crop each time (drawn from torch's global RNG, which
+    train.py seeds per item), a val or test item a fixed crop, degradation and flip from (seed, index)."""
+
+    def __init__(self, split, n, degradation, resolution=64, train=True, seed=0):
+        from .photos import PhotoCrops
+
+        self.photos, self.split, self.n = PhotoCrops(split), split, n
+        self.size = resolution if isinstance(resolution, int) else max(resolution)
+        self.degradation = "+".join(parse(degradation))
+        self.resolution, self.train, self.seed = resolution, train, seed
+
+    def __len__(self):
+        return self.n
+
+    def clean(self, i):
+        g = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + i + 1)
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
+        return self.photos.crop(rng, self.size), f"{self.split}-{i}"
+
+
 class PairedFolder(torch.utils.data.Dataset):
     """`folder/clean/` and `folder/degraded/` with images matched by file stem (as in the public
     restoration sets). A degraded image of another size (e.g. a low-resolution input) is resized

@@ -71,11 +71,15 @@ def cache_dir(cache=None):
 
 def apt_download(package, version, dest):
     """Download package=version's .deb into dest with apt-get (the current version if that one is gone;
-    the sha256 check then says whether the photographs are still the same). -> the .deb's path."""
+    the sha256 check then says whether the photographs are still the same; the package lists are updated
+    once if neither is found). -> the .deb's path."""
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
         raise UserError("fetching the photographs needs apt-get and dpkg (Debian or Ubuntu); elsewhere pass "
                         "--data with a folder of your own photos")
-    for spec in (f"{package}={version}", package):
+    for spec in (f"{package}={version}", package, "update", f"{package}={version}", package):
+        if spec == "update":  # a fresh machine may have no package lists yet (this needs root)
+            subprocess.run(["apt-get", "update"], capture_output=True)
+            continue
         done = subprocess.run(["apt-get", "download", spec], cwd=dest, capture_output=True, text=True)
         debs = sorted(Path(dest).glob(f"{package}_*.deb"))
         if done.returncode == 0 and debs:

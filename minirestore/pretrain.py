@@ -1,22 +1,25 @@
 """Pre-train the tiny default backbone, weights/tiny: `python -m minirestore.pretrain`.
 
-Rectified flow (minRF, SD3) on procedural dead-leaves images, the transformer `Flux(TINY)` and the
-`TinyTextEncoder` trained jointly from scratch:
+Rectified flow (minRF, SD3) on real photographs (photos.py: Debian's freely licensed wallpapers, multi-scale
+crops of the training split; or procedural dead leaves, --data leaves, or both), the transformer
+`Flux(tiny_config(width, double, single))` and the `TinyTextEncoder` trained jointly from scratch:
   x0 = PixelCodec.encode(image), eps ~ N(0, I), t ~ logit-normal: sigmoid(N(0, 1)) (SD3; most weight on
   mid-range times, where the velocity is hardest to predict),
   x_t = (1 - t) x0 + t eps,   target v = eps - x0,   loss = |F(x_t, t, text) - v|^2.
-The text is the image's descriptor words ("warm many circles textured sharp"); 20% of the time it is the
+The text is the image's descriptor words (photos: "warm bright textured sharp", photos.describe; dead leaves:
+"warm many circles textured sharp"); 20% of the time it is the
 empty prompt "", as text-to-image models drop their caption, so the model also learns the unconditional
 distribution: the restoration method runs it on the empty-prompt context (paper.md 3). Each batch has one
 size drawn from --sizes (one seed draws the same scene at any size), so sampling works beyond 64 x 64.
 AdamW, linear warm-up then cosine decay, gradient clipping; an EMA of the weights is what gets saved.
 
-The shipped weights are two stages (their metadata holds both configs): `--steps 4000`, then a warm restart
-on new images, `--init weights/tiny --seed 1 --steps 3500 --lr 3e-4 --warmup 200 --run-dir runs/pretrain-2`.
+The shipped recipe is in the README (its commands and their stages; the weights' metadata holds every
+stage's config).
 
 Outputs: the backbone folder --out (flux.safetensors with BFL keys, text.safetensors, context.safetensors
 for ""), sample grids, checkpoint.pt (for --resume) and eval.json (generated vs held-out statistics) in
---run-dir. Defaults (8000 steps): ~2 hours on 2 CPU cores (~0.9 s a step); a GPU does the same in a few minutes.
+--run-dir. The evaluation also scores the frozen model as a denoiser on held-out photographs (the
+ablation's score, `denoise_psnr`).
 """
 import argparse
 import copy
@@ -37,12 +40,16 @@ from . import hub
 from .cli import run
 from .context import save_context
 from .flux import Flux, get_schedule, pack, prepare_ids, unpack
+from .metrics import psnr
+from .photos import PhotoCrops, describe
 from .procedural import colour_histogram_distance, dead_leaves, radial_power_slope
-from .tiny import TINY, PixelCodec, TextConfig, TinyTextEncoder, load_text_encoder
+from .tiny import PixelCodec, TextConfig, TinyTextEncoder, load_text_encoder, tiny_config
 
-EVAL_SEED = 999  # held-out procedural images: ProceduralImages(n, size, seed=999); training uses --seed
-GRID_PROMPTS = ["", "warm many circles smooth sharp", "cool few squares textured soft",
-                "earthy many ellipses textured sharp", "grey few rectangles smooth sharp"]
+EVAL_SEED = 999  # held-out images: val-split photo crops / procedural seeds drawn from it; training uses --seed
+GRID_PROMPTS = ["", "warm bright textured sharp", "cool dim smooth soft", "earthy dark textured sharp",
+                "vivid bright smooth sharp"]
+DATA = ("photos", "leaves", "photos+leaves")
+DENOISE_SIGMAS = (0.05, 0.1, 0.2)  # the ablation's score: Gaussian noise of these std (of [0, 1])
 
 
 def parse_args(argv=None):
@@ -55,6 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     p.add_argument("--cond-drop", type=float, default=0.2, help="probability of training on the empty prompt")
     p.add_argument("--sizes", default="32,48,64", help="image sides drawn per batch (multiples of 4)")
+    p.add_argument("--data", choices=DATA, default="photos",
+                   help="training images: photographs (photos.py), dead leaves (procedural.py), or half of each")
+    p.add_argument("--width", type=int, default=128, help="transformer width (heads of 32 channels)")
+    p.add_argument("--double", type=int, default=2, help="double-stream blocks")
+    p.add_argument("--single", type=int, default=4, help="single-stream blocks")
+    p.add_argument("--t-mean", type=float, default=0.0, help="t ~ sigmoid(N(t_mean, 1)); < 0 weights low noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="weights/tiny", help="the backbone folder written")
     p.add_argument("--run-dir", default="runs/pretrain", help="sample grids, checkpoint.pt, eval.json")
@@ -76,11 +89,21 @@ def parse_args(argv=None):
 # Data and model
 # ---------------------------------------------------------------------------------------------
 
-def batch(step, batch_size, size, seed):
+def batch(step, batch_size, size, seed, data="leaves", photos=None):
     """The training batch of a step, a function of (step, seed) only, so --resume sees the same data:
-    images [B, 3, size, size] in [0, 1] and their prompts (descriptor words joined by spaces)."""
-    items = [dead_leaves(seed * 1_000_003 + step * batch_size + j, size) for j in range(batch_size)]
-    return torch.stack([im for im, _ in items]), [" ".join(words) for _, words in items]
+    images [B, 3, size, size] in [0, 1] and their prompts (descriptor words joined by spaces).
+    data "photos+leaves": the first half of the batch are photo crops, the rest dead leaves."""
+    n_photos = {"photos": batch_size, "leaves": 0}.get(data, batch_size // 2)
+    rng = np.random.default_rng([seed, step])
+    images, words = [], []
+    for j in range(batch_size):
+        if j < n_photos:
+            image = photos.crop(rng, size)
+            images.append(image), words.append(describe(image))
+        else:
+            image, w = dead_leaves(seed * 1_000_003 + step * batch_size + j, size)
+            images.append(image), words.append(w)
+    return torch.stack(images), [" ".join(w) for w in words]
 
 
 def load_init(folder, flux, text):
@@ -92,9 +115,16 @@ def load_init(folder, flux, text):
             raise SystemExit(f"--init {folder}: no {name} there; give a folder that pretrain wrote (--out)")
     loaded = hub.load_flux(folder / "flux.safetensors", dtype=torch.float32)
     if loaded.config != flux.config:
-        raise SystemExit(f"--init {folder}: its transformer is {loaded.config}, not the tiny preset")
+        raise SystemExit(f"--init {folder}: its transformer is {loaded.config}, not the one --width, --double and "
+                         f"--single ask for ({flux.config})")
     flux.load_state_dict(loaded.state_dict())
-    text.load_state_dict(load_text_encoder(folder / "text.safetensors").state_dict())
+    old = load_text_encoder(folder / "text.safetensors")
+    state, n = old.state_dict(), len(old.config.vocab)
+    if old.config.vocab != text.config.vocab[:n]:
+        raise SystemExit(f"--init {folder}: its text encoder's vocabulary is not a prefix of this one's")
+    # Words this vocabulary adds (e.g. the photos' brightness words) keep their fresh embeddings.
+    state["token_embedding.weight"] = torch.cat([state["token_embedding.weight"], text.token_embedding.weight[n:]])
+    text.load_state_dict(state)
     return json.loads(hub.Checkpoint([folder / "flux.safetensors"]).metadata.get("pretrain", "{}"))
 
 
@@ -198,19 +228,50 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def held_out(n, size, data="photos"):
+    """n held-out images [n, 3, size, size]: crops of the val-split photographs (photos, photos+leaves) or
+    procedural images from EVAL_SEED (leaves); the same n for every model, so scores compare."""
+    if data == "leaves":
+        return torch.stack([dead_leaves(EVAL_SEED * 1_000_003 + i, size)[0] for i in range(n)])
+    photos, rng = PhotoCrops("val"), np.random.default_rng(EVAL_SEED)
+    return torch.stack([photos.crop(rng, size) for _ in range(n)])
+
+
 @torch.no_grad()
-def evaluate(flux, text, n, steps, size=64):
+def denoise_psnr(flux, text, clean, sigma, seed=0):
+    """The frozen model as a one-step denoiser, unprompted: noisy = clean + sigma n; its latent is
+    Y = X0 + 4 sigma n (the codec maps [0, 1] to [-2, 2]), which is the rectified-flow state x_t / (1 - t) at
+    t = 4 sigma / (1 + 4 sigma); so x_t = (1 - t) Y and x0_hat = x_t - t v(x_t, t | "").
+    -> (mean PSNR of the noisy images, mean PSNR of x0_hat), in dB."""
+    g = torch.Generator().manual_seed(seed)
+    noisy = clean + sigma * torch.randn(clean.shape, generator=g)  # not clipped: exactly Gaussian
+    codec, t = PixelCodec(), 4 * sigma / (1 + 4 * sigma)
+    device = next(flux.parameters()).device
+    x_t = (1 - t) * codec.encode(noisy.to(device) * 2 - 1)
+    ctx = {k: v.expand(len(clean), *v.shape[1:]) for k, v in text.encode([""]).items()}
+    x0 = x_t - t * velocity(flux, ctx, x_t, torch.full((len(clean),), t, device=device))
+    restored = ((codec.decode(x0) + 1) / 2).clamp(0, 1).cpu()
+    return psnr(noisy.clamp(0, 1), clean).mean().item(), psnr(restored, clean).mean().item()
+
+
+@torch.no_grad()
+def evaluate(flux, text, n, steps, size=64, data="photos"):
     """Radial power slope and colour histogram distance: n unconditional samples vs n held-out images,
-    and n held-out vs n other held-out images (what 'same distribution' looks like)."""
-    real = torch.stack([dead_leaves(EVAL_SEED * 1_000_003 + i, size)[0] for i in range(2 * n)])
+    and n held-out vs n other held-out images (what 'same distribution' looks like); and the frozen
+    model's one-step denoising PSNR on the first 64 held-out images at DENOISE_SIGMAS."""
+    real = held_out(2 * n, size, data)
     fake = torch.cat([sample(flux, text, [""] * min(32, n - i), size, steps, seed=10_000 + i)
                       for i in range(0, n, 32)])
     a, b = real[:n], real[n:]
-    return {"n": n, "size": size, "sample_steps": steps,
-            "slope_generated": radial_power_slope(fake), "slope_real": radial_power_slope(a),
-            "slope_real_b": radial_power_slope(b),
-            "colour_distance_generated_vs_real": colour_histogram_distance(fake, a),
-            "colour_distance_real_vs_real": colour_histogram_distance(b, a)}
+    result = {"n": n, "size": size, "sample_steps": steps, "data": data,
+              "slope_generated": radial_power_slope(fake), "slope_real": radial_power_slope(a),
+              "slope_real_b": radial_power_slope(b),
+              "colour_distance_generated_vs_real": colour_histogram_distance(fake, a),
+              "colour_distance_real_vs_real": colour_histogram_distance(b, a)}
+    clean = real[:64]
+    for sigma in DENOISE_SIGMAS:
+        result[f"noisy_psnr_{sigma}"], result[f"denoise_psnr_{sigma}"] = denoise_psnr(flux, text, clean, sigma, seed=1)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +291,8 @@ def train(args):
     pretrain_config = {k: v for k, v in vars(args).items() if k not in where}
 
     torch.manual_seed(args.seed)
-    flux = init_weights(Flux(TINY)).to(device)
+    flux = init_weights(Flux(tiny_config(args.width, args.double, args.single))).to(device)
+    photos = PhotoCrops("train") if "photos" in args.data else None
     text = TinyTextEncoder(TextConfig()).to(device)
     torch.nn.init.normal_(text.position_embedding, std=0.02)
     if args.init:  # stage 2: the weights of an earlier run; its config goes into ours, so the lineage is stored
@@ -264,11 +326,11 @@ def train(args):
     smooth, seen, t_start = None, 0, time.time()
     while step < args.steps:
         size = sizes[int(torch.randint(len(sizes), (1,), generator=gen))]
-        images, prompts = batch(step, args.batch_size, size, args.seed)
+        images, prompts = batch(step, args.batch_size, size, args.seed, args.data, photos)
         B = images.shape[0]
         drop = torch.rand(B, generator=gen) < args.cond_drop
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        t = torch.sigmoid(torch.randn(B, generator=gen)).to(device)  # logit-normal times
+        t = torch.sigmoid(torch.randn(B, generator=gen) + args.t_mean).to(device)  # logit-normal times
         eps = torch.randn(B, 12, size // 2, size // 2, generator=gen).to(device)
         x0 = codec.encode(images.to(device) * 2 - 1)  # [B, 12, size/2, size/2]
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
@@ -303,7 +365,7 @@ def main(argv=None):
     args = parse_args(argv)
     *_, ema_flux, ema_text, step = train(args)
     print(f"backbone written to {args.out} (step {step}); evaluating {args.eval_n} samples against held-out images")
-    result = evaluate(ema_flux, ema_text, args.eval_n, args.sample_steps)
+    result = evaluate(ema_flux, ema_text, args.eval_n, args.sample_steps, data=args.data)
     result["step"] = step
     _atomic(Path(args.run_dir) / "eval.json", lambda p: p.write_text(json.dumps(result, indent=2)))
     for k, v in result.items():

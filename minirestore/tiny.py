@@ -1,9 +1,9 @@
 """The tiny default backbone: a 2 M-parameter FLUX on pixels, its codec and its small text encoder.
 
 The transformer is the same `Flux` class as FLUX.1 (BFL key names, the same loader), with the config TINY.
-It is pre-trained by `python -m minirestore.pretrain` on procedural dead-leaves images (procedural.py),
-conditioned on their content descriptors through `TinyTextEncoder`, so that a laptop CPU can run the whole
-method on a real, pre-trained generator.
+It is pre-trained by `python -m minirestore.pretrain`, first on procedural dead-leaves images (procedural.py),
+then on crops of real photographs (photos.py), conditioned on their descriptor words through
+`TinyTextEncoder`, so that a laptop CPU can run the whole method on a real, pre-trained generator.
 
 Sizes at 64 x 64 pixels: image [3, 64, 64] -> PixelCodec latents [12, 32, 32] -> 2x2 patches: 256 tokens of
 48 channels; text: 16 tokens of width 64 and a pooled vector of 64.
@@ -17,14 +17,23 @@ from torch import nn
 
 from . import UserError, hub
 from .flux import FluxConfig
+from .photos import PHOTO_WORDS
 from .procedural import WORDS
 
-TINY = FluxConfig(
-    in_channels=48, out_channels=48,  # 3 colours x 2 x 2 (codec) x 2 x 2 (patches)
-    vec_in_dim=64, context_in_dim=64,  # TinyTextEncoder: pooled y [64], txt [16, 64]
-    hidden_size=128, mlp_ratio=3.0, num_heads=4,  # head_dim 32 = RoPE axes 8 + 12 + 12
-    depth=2, depth_single_blocks=4, axes_dim=[8, 12, 12], theta=10_000,
-    qkv_bias=True, guidance_embed=False)
+def tiny_config(width=128, double=2, single=4):
+    """The tiny FluxConfig: `double` double-stream and `single` single-stream blocks of `width` channels,
+    heads of 32 channels (RoPE axes 8 + 12 + 12), on the pixel codec's 2 x 2 patches."""
+    if width % 32:
+        raise UserError(f"the tiny transformer's width must be a multiple of 32 (heads of 32), got {width}")
+    return FluxConfig(
+        in_channels=48, out_channels=48,  # 3 colours x 2 x 2 (codec) x 2 x 2 (patches)
+        vec_in_dim=64, context_in_dim=64,  # TinyTextEncoder: pooled y [64], txt [16, 64]
+        hidden_size=width, mlp_ratio=3.0, num_heads=width // 32,
+        depth=double, depth_single_blocks=single, axes_dim=[8, 12, 12], theta=10_000,
+        qkv_bias=True, guidance_embed=False)
+
+
+TINY = tiny_config()  # the first generation's shape (2 M parameters); the shipped one's is in its metadata
 TEXT_LENGTH = 16  # K: text tokens
 
 
@@ -55,7 +64,7 @@ class PixelCodec(nn.Module):
 
 @dataclass
 class TextConfig:
-    vocab: list = field(default_factory=lambda: ["<pad>", "<eos>", "<unk>"] + WORDS)  # ids 0, 1, 2, then words
+    vocab: list = field(default_factory=lambda: ["<pad>", "<eos>", "<unk>"] + WORDS + PHOTO_WORDS)  # ids 0, 1, 2, words
     width: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -90,8 +99,8 @@ class EncoderLayer(nn.Module):
 class TinyTextEncoder(nn.Module):
     """Descriptor words -> txt [B, 16, 64] (per-token context) and y [B, 64] (pooled vector).
 
-    A word-level vocabulary (the procedural descriptors plus pad 0, eos 1, unk 2), learned token and
-    position embeddings, pre-LN layers and a final LayerNorm. The padding is attended, not masked, as
+    A word-level vocabulary (pad 0, eos 1, unk 2, the procedural descriptors, then the words photos add),
+    learned token and position embeddings, pre-LN layers and a final LayerNorm. The padding is attended, not masked, as
     FLUX runs T5 on its padded prompt: "" is EOS + 15 pads, and its output is a fixed context like any
     other. y is the EOS token's output through a linear layer (CLIP pools at EOS too).
     """

@@ -69,3 +69,34 @@ def images_dir(tmp_path_factory):
     return d
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Photographs (photos.py). `fake_photos`: a cache of synthetic arrays under every listed name, for code
+# that only needs some photographs (pre-training smoke runs). `real_photos`: the fetched cache, for the
+# tests of the shipped weights on held-out photographs (.ci/run fetches it first: python -m minirestore.photos).
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_photos(tmp_path_factory, monkeypatch):
+    from minirestore import photos
+
+    cache = tmp_path_factory.getbasetemp() / "fake-photos"
+    if not cache.exists():
+        cache.mkdir()
+        for i, row in enumerate(photos.read_list()):
+            g = np.random.default_rng(i)
+            small = g.integers(0, 256, (9, 12, 3), dtype=np.uint8)
+            np.save(cache / f"{row.name}.npy", np.asarray(Image.fromarray(small).resize((160, 120), Image.BILINEAR)))
+    monkeypatch.setenv("MINIRESTORE_PHOTOS", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def real_photos():
+    from minirestore import photos
+
+    cache = photos.cache_dir()
+    if not all((cache / f"{r.name}.npy").exists() for r in photos.read_list()):
+        pytest.skip(f"the photographs are not in {cache}: fetch them with `python -m minirestore.photos`")
+    return cache

@@ -10,7 +10,7 @@ from minirestore.flux import pack, prepare_ids
 from minirestore.tiny import PixelCodec, load_text_encoder
 
 TINY_RUN = ["--batch-size", "4", "--sizes", "32", "--sample-steps", "1", "--eval-n", "2", "--threads", "1",
-            "--device", "cpu", "--warmup", "2"]
+            "--device", "cpu", "--warmup", "2", "--data", "leaves"]
 
 
 def _args(tmp_path, *extra):
@@ -99,3 +99,62 @@ def test_training_loop_learns_one_batch(tmp_path, monkeypatch):
     flux1, text1, *_ = pretrain.train(_args(tmp_path / "1", "--steps", "30", "--lr", "2e-3", "--cond-drop", "0"))
     before, after = fixed_loss(flux0, text0), fixed_loss(flux1, text1)
     assert after < 0.7 * before, (before, after)
+
+
+def test_photo_batches_are_seeded_crops_with_their_descriptors(fake_photos):
+    from minirestore.photos import PhotoCrops, describe
+
+    crops = PhotoCrops("train")
+    images, prompts = pretrain.batch(3, 4, 32, 0, "photos", crops)
+    again, _ = pretrain.batch(3, 4, 32, 0, "photos", crops)
+    assert images.shape == (4, 3, 32, 32) and torch.equal(images, again)  # a function of (seed, step)
+    assert prompts == [" ".join(describe(x)) for x in images]
+    mixed, words = pretrain.batch(3, 4, 32, 0, "photos+leaves", crops)
+    assert torch.equal(mixed[:2], images[:2]) and len(words[3].split()) == 5  # dead leaves: 5 descriptor words
+
+
+def test_photo_run_and_the_denoising_score(fake_photos, tmp_path):
+    args = TINY_RUN[:-1] + ["photos", "--steps", "1", "--width", "64", "--out", str(tmp_path / "w"),
+                            "--run-dir", str(tmp_path / "run")]
+    pretrain.main(args)
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["data"] == "photos" and hub.load_flux(tmp_path / "w" / "flux.safetensors").config.hidden_size == 64
+    for sigma in pretrain.DENOISE_SIGMAS:  # one step of training: no denoiser yet, but a finite score
+        assert 10 < result[f"denoise_psnr_{sigma}"] < 60 and abs(result[f"noisy_psnr_{sigma}"] + 20 *
+                                                                   torch.log10(torch.tensor(sigma)).item()) < 1.5
+
+
+def test_a_perfect_denoiser_scores_high_and_the_identity_scores_the_noisy_psnr():
+    clean = pretrain.held_out(4, 32, "leaves")
+
+    class Oracle(torch.nn.Module):  # v such that x_t - t v = X0 exactly, whatever x_t
+        def __init__(self, identity=False):
+            super().__init__()
+            self.w, self.identity = torch.nn.Parameter(torch.zeros(1)), identity
+
+    def fake_velocity(model, ctx, x_t, t):
+        x0 = PixelCodec().encode(clean * 2 - 1)
+        tt = t[:, None, None, None]
+        return torch.zeros_like(x_t) if model.identity else (x_t - x0) / tt
+
+    text = pretrain.TinyTextEncoder(pretrain.TextConfig())
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pretrain, "velocity", fake_velocity)
+        noisy, perfect = pretrain.denoise_psnr(Oracle(), text, clean, 0.1)
+        _, identity = pretrain.denoise_psnr(Oracle(identity=True), text, clean, 0.1)
+    assert perfect > 60 and identity < noisy + 0.5  # x0 = (1 - t) Y: the noisy image, shrunk a little
+
+
+def test_init_extends_an_older_vocabulary(tmp_path):
+    from minirestore.photos import PHOTO_WORDS
+    from minirestore.tiny import TextConfig
+
+    old_vocab = TextConfig().vocab[:-len(PHOTO_WORDS)]
+    with pytest.MonkeyPatch.context() as m:  # a first-generation text encoder: no photo words
+        m.setattr(pretrain, "TextConfig", lambda: TextConfig(vocab=old_vocab))
+        _, _, _, ema_text_a, _ = pretrain.train(_args(tmp_path / "a", "--steps", "1"))
+    _, text_b, *_ = pretrain.train(_args(tmp_path / "b", "--steps", "0", "--init", str(tmp_path / "a" / "w")))
+    n = len(old_vocab)
+    assert len(text_b.config.vocab) == n + len(PHOTO_WORDS)
+    assert torch.equal(text_b.token_embedding.weight[:n], ema_text_a.token_embedding.weight)
+    assert torch.equal(text_b.layers[0].qkv.weight, ema_text_a.layers[0].qkv.weight)
