@@ -1,12 +1,14 @@
 """The shipped tiny default: it loads, it generates, its prompts restore, and the main job runs.
 
-These use the real weights in weights/tiny/ (about 8.5 MB, committed), so they also guard the files.
+These use the real weights in weights/tiny/ (committed), so they also guard the files, and the held-out test
+photographs (photos.py's test split; `python -m minirestore.photos` fetches them, .ci/run does so first).
 """
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -16,12 +18,12 @@ from minirestore.bridge import Bridge
 from minirestore.degrade import degrade
 from minirestore.hub import load_flux
 from minirestore.metrics import psnr
-from minirestore.procedural import dead_leaves
+from minirestore.photos import PhotoCrops
 from minirestore.prompts import load_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
-HELD_OUT = 31  # procedural seed range of the replication's held-out images (not pre-training, not prompt training)
-SHIPPED = ["noise", "blur", "lowlight", "haze"]
+HELD_OUT = 53  # crop seeds of the test photographs (benchmarks/photos.py uses 31)
+SHIPPED = ["noise", "blur", "lowlight", "haze", "jpeg", "rain", "snow"]
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +31,20 @@ def tiny():
     return load_backbone("tiny")
 
 
-def held_out(n, size=64):
-    return torch.stack([dead_leaves(HELD_OUT * 1_000_003 + i, size)[0] for i in range(n)])
+@pytest.fixture(scope="module")
+def test_photos(real_photos):
+    return PhotoCrops("test", real_photos)
+
+
+def held_out(photos, n, size=64):
+    """n crops of the test photographs, never seen in pre-training, prompt training or tuning."""
+    return torch.stack([photos.crop(np.random.default_rng([HELD_OUT, size, i]), size) for i in range(n)])
 
 
 def shipped_prompt(degradation):
-    return load_prompt(TINY_DIR / "prompts" / f"{degradation}.safetensors", backbone="tiny", D=128, n_blocks=6)
+    tiny = load_backbone("tiny")
+    return load_prompt(TINY_DIR / "prompts" / f"{degradation}.safetensors", backbone="tiny", D=tiny.D,
+                       n_blocks=tiny.n_blocks)
 
 
 def test_shipped_files_and_loading(tiny):
@@ -52,7 +62,7 @@ def test_it_generates_images(tiny):
     from minirestore.tiny import load_text_encoder
 
     text = load_text_encoder(TINY_DIR / "text.safetensors")
-    images = sample(tiny.model, text, ["", "warm many circles smooth sharp"], 32, steps=10, seed=0)
+    images = sample(tiny.model, text, ["", "warm bright textured sharp"], 32, steps=10, seed=0)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.05  # not a flat field
 
@@ -64,11 +74,11 @@ def test_shipped_prompts_load(tiny, degradation):
     assert bank.prompt.shape == (1, 16, 128) and bank.alpha.abs().sum() > 0  # trained: the gates left 0
 
 
-def restore_held_out(tiny, degradation, n=8, steps=10):
+def restore_held_out(tiny, photos, degradation, n=8, steps=10):
     """(clean, degraded, restored without prompt, restored with the shipped prompt): the same held-out images,
     the same degradation draw and the same sampler noise for both restorations."""
     bank = shipped_prompt(degradation)
-    clean = held_out(n)
+    clean = held_out(photos, n)
     degraded = degrade(clean, degradation, torch.Generator().manual_seed(5))
     bridge, Y = Bridge("ebr", float(bank.meta["T0"])), tiny.encode(degraded)
     out = []
@@ -79,41 +89,43 @@ def restore_held_out(tiny, degradation, n=8, steps=10):
     return clean, degraded, *out
 
 
-@pytest.mark.parametrize("degradation", ["noise", "lowlight", "haze"])
-def test_shipped_prompts_restore_better_than_no_prompt(tiny, degradation):
-    """The paper's first claim on the tiny default: the prompt unlocks restoration the frozen model does not do
-    by itself. Blur is left out on purpose: on this 2 M-parameter generator no bridge and no T0 gives a blur prompt
-    more than 0.2 dB over the unprompted model, and the shipped one is slightly behind it; the README's
-    replication table shows it."""
-    clean, _, plain, prompted = restore_held_out(tiny, degradation)
+@pytest.mark.parametrize("degradation", ["noise", "lowlight", "haze", "rain", "snow"])
+def test_shipped_prompts_restore_better_than_no_prompt(tiny, test_photos, degradation):
+    """The paper's first claim on the tiny default, on held-out test photographs: the prompt unlocks restoration
+    the frozen model does not do by itself (measured on these 8 crops, 2026-12-02: +1.65 noise, +3.84 lowlight,
+    +3.34 haze, +3.35 rain, +3.22 snow dB). Left out, with their reasons: blur, whose prompt is behind the
+    unprompted model (-0.29 dB; this generator cannot put the detail back, see the README), and jpeg, ahead by
+    only 0.12 dB, too close to the threshold to be a claim."""
+    clean, _, plain, prompted = restore_held_out(tiny, test_photos, degradation)
     gain = psnr(prompted, clean) - psnr(plain, clean)
     assert gain.mean() > 0.1, gain
 
 
-def test_shipped_noise_prompt_restores(tiny):
-    """On held-out images the shipped noise prompt removes noise (the unprompted model already does much of
-    it at T0 0.6; see the README for how little the prompt adds on this backbone)."""
-    clean, degraded, _, prompted = restore_held_out(tiny, "noise")
-    assert psnr(prompted, clean).mean() > psnr(degraded, clean).mean() + 1.0
+def test_shipped_noise_prompt_restores(tiny, test_photos):
+    """On held-out photographs the shipped noise prompt removes noise (18.84 dB noisy -> 26.36 dB on these crops)."""
+    clean, degraded, _, prompted = restore_held_out(tiny, test_photos, "noise")
+    assert psnr(prompted, clean).mean() > psnr(degraded, clean).mean() + 4.0
 
 
-def test_main_job_shortened(tmp_path):
+def test_main_job_shortened(real_photos, tmp_path):
     """The README's first command, shortened to a few dozen steps: it trains, writes, and improves on
-    the degraded input on held-out images."""
+    the degraded input and on the frozen model on held-out val photographs."""
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--degradation", "noise", "--t0", "0.6", "--steps", "40",
                         "--val-every", "0", "--val-steps", "10"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "weights" / "tiny-noise.safetensors").exists()
     log = [json.loads(line) for line in (tmp_path / "runs" / "tiny-noise" / "log.jsonl").read_text().splitlines()]
-    final = [rec for rec in log if "psnr" in rec][-1]
+    scores = [rec for rec in log if "psnr" in rec]  # validation at step 0 (the frozen model) and at the end
+    frozen, final = scores[0], scores[-1]
     assert final["step"] == 40 and final["psnr"] > final["psnr_degraded"] + 1.0, final
+    assert frozen["step"] == 0 and final["psnr"] > frozen["psnr"], (frozen, final)  # the prompt already helps
     assert list((tmp_path / "runs" / "tiny-noise").glob("preview-*.png"))
 
 
-def test_sample_restores_any_size(tmp_path):
+def test_sample_restores_any_size(test_photos, tmp_path):
     from PIL import Image
 
-    img = (held_out(1, 100)[0].permute(1, 2, 0) * 255).byte().numpy()
+    img = (held_out(test_photos, 1, 100)[0].permute(1, 2, 0) * 255).byte().numpy()
     Image.fromarray(img).save(tmp_path / "photo.png")
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), tmp_path / "photo.png", "--steps", "4"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=900)
