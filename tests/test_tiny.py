@@ -2,6 +2,7 @@
 import torch
 
 from minirestore.flux import Flux, pack, prepare_ids
+from minirestore.photos import PHOTO_WORDS
 from minirestore.procedural import WORDS, dead_leaves
 from minirestore.tiny import EOS, PAD, TINY, UNK, PixelCodec, TextConfig, TinyTextEncoder
 
@@ -39,7 +40,7 @@ def test_tiny_flux_shapes_and_size_budget():
 def test_tokenizer():
     text = TinyTextEncoder()
     vocab = TextConfig().vocab
-    assert vocab[:3] == ["<pad>", "<eos>", "<unk>"] and vocab[3:] == WORDS
+    assert vocab[:3] == ["<pad>", "<eos>", "<unk>"] and vocab[3:] == WORDS + PHOTO_WORDS
     empty = text.tokenize("")
     assert empty.tolist() == [EOS] + [PAD] * 15
     ids = text.tokenize("Warm, zebra circles")
