@@ -167,13 +167,13 @@ def fetch(cache=None, rows=None, download=apt_download, progress=print):
     return cache
 
 
-def load_split(split, cache=None, rows=None, fetch_missing=True):
+def load_split(split, cache=None, rows=None):
     """The split's photographs, uint8 arrays [H, W, 3] (fetched first if the cache lacks any)."""
     if split not in SPLITS:
         raise UserError(f"unknown photo split {split!r}: choose one of {', '.join(SPLITS)}")
     rows = [r for r in (read_list() if rows is None else rows) if r.split == split]
     cache = cache_dir(cache)
-    if fetch_missing and any(not (cache / f"{r.name}.npy").exists() for r in rows):
+    if any(not (cache / f"{r.name}.npy").exists() for r in rows):
         fetch(cache, rows)
     return [np.load(cache / f"{r.name}.npy") for r in rows], [r.name for r in rows]
 
