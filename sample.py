@@ -6,7 +6,9 @@
 
 The degraded image is encoded to Y, noised to level T0, X = (1 - T0) Y + T0 eps, and walked back
 to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampler, 20 steps by
-default). Several --prompt files restore mixed degradations: their velocities are averaged at every
+default). A prompt trained over a T0 range (train.py --t0 0.05:0.8) picks T0 per input (--t0 auto, its
+default): the degradation's strength is estimated from the input and mapped through the prompt's measured
+curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
 step. Outputs keep the input's size and mode and never overwrite an input. With a Wan backbone a
 video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps kept);
 with FLUX a folder is a set of images.
@@ -24,6 +26,7 @@ from minirestore.bridge import Bridge, averaged
 from minirestore.data import list_images, load_image, save_image
 from minirestore.distributed import barrier, close, init
 from minirestore.prompts import load_prompt
+from minirestore.strength import auto_T0
 from minirestore.video import VIDEO_SUFFIXES, read_video, to_4k1, write_video
 
 
@@ -37,6 +40,15 @@ def default_prompt(model, degradation):
     return user if user.exists() or not shipped.exists() else shipped
 
 
+def t0_arg(text):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a number in (0, 1] or auto") from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=Help)
     p.add_argument("inputs", nargs="+", help="images or folders of images")
@@ -46,7 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", help="prompt file (repeat for mixed degradations; default: your "
                    "weights/<model>-<degradation>.safetensors, else the shipped weights/<model>/prompts/<degradation>.safetensors)")
     p.add_argument("--degradation", default="noise", help="which default prompt to use when --prompt is not given")
-    p.add_argument("--t0", type=float, help="start level T0 in (0, 1] (default: the prompt's own)")
+    p.add_argument("--t0", type=t0_arg, help="start level T0 in (0, 1], or auto: chosen per input from its estimated "
+                   "degradation strength, on the curve stored in a prompt trained over a T0 range (default: auto for "
+                   "such prompts, else the prompt's own T0)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (network evaluations per prompt)")
     p.add_argument("--out", help="output folder (default: beside each input)")
     p.add_argument("--suffix", default="_restored", help="added to each output's file name")
@@ -56,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
-    if args.t0 is not None and not 0 < args.t0 <= 1:
+    if args.t0 not in (None, "auto") and not 0 < args.t0 <= 1:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
@@ -164,9 +178,13 @@ def main(argv=None):
     kinds = {b.meta.get("bridge", "ebr") for b in prompts}
     if len(kinds) > 1:
         raise UserError(f"the prompts were trained with different bridges ({', '.join(sorted(kinds))}); mix only one kind")
-    T0 = args.t0 if args.t0 is not None else float(prompts[0].meta.get("T0", 0.4))
-    meta = prompts[0].meta
+    meta = prompts[0].meta  # with several prompts, the first one's T0 (or T0 curve) is used
+    T0 = args.t0 if args.t0 not in (None, "auto") else float(meta.get("T0", 0.4))
     bridge = Bridge(kinds.pop(), T0, float(meta.get("t_min", 1e-4)), sigma=float(meta.get("ddbm_sigma", 1.0)))
+    auto = args.t0 == "auto" or (args.t0 is None and "T0_curve" in meta)
+    if auto and "T0_curve" not in meta:
+        print(f"--t0 auto: {prompt_files[0]} has no T0 curve (trained at one T0), so its own T0 {T0:g} is used")
+        auto = False
 
     from tqdm.auto import tqdm
 
@@ -176,12 +194,16 @@ def main(argv=None):
     for kind, src, dst in tqdm(mine, desc="restoring", unit="input", disable=len(mine) < 2 or not world.main):
         x, info = read(kind, src)
         tile = args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
-        restored = restore(backbone, prompts, bridge, x, args.steps, args.seed, tile=tile)
+        b, note = bridge, f"T0 {bridge.T0:g}"
+        if auto:  # adaptive T0: this input's estimated strength, through the prompt's measured curve
+            T0, strength = auto_T0(meta, x)
+            b, note = bridge.at(T0), f"estimated {meta['degradation']} strength {strength:.4f} -> T0 {T0:.3f}"
+        restored = restore(backbone, prompts, b, x, args.steps, args.seed, tile=tile)
         if kind == "image":
             save_image(restored, dst, info)
         else:
             write_video(restored, dst, fps=info)
-        print(f"{src} -> {dst}")
+        print(f"{src} -> {dst} ({note})")
     barrier(world)
     close(world)
     return 0

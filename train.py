@@ -9,6 +9,8 @@ Only the prompt P [1, K, D] and the per-block gates alpha train. Each step:
     x_t = a(t) X0 + A(t) Y + B(t) eps                    the bridge state (bridge.py; EBR by default)
     v = F(x_t, tau(t); P, alpha)                         frozen transformer with the prompt added
     loss = || x_t - tau v - X0 ||^2                      x0-MSE on latents
+--t0 LOW:HIGH trains one prompt over many horizons (T0 ~ U(LOW, HIGH) per sample, bridge.py) and then
+measures on the validation images which T0 each strength wants: the curve sample.py --t0 auto follows.
 Every --val-every steps the held-out images are restored with the bridge sampler and scored
 (PSNR/SSIM); a preview grid (degraded | restored | clean) lands in the run folder with a JSONL log.
 Checkpoints are written atomically; --resume continues bit-for-bit (every step's randomness is
@@ -32,6 +34,7 @@ from minirestore.degrade import parse
 from minirestore.distributed import average_gradients, barrier, close, init, sum_across
 from minirestore.metrics import psnr, ssim
 from minirestore.prompts import save_prompt
+from minirestore.strength import best_T0, calibrate
 
 DEFAULTS = {  # per backbone: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
     "tiny": dict(resolution=64, steps=600, lr=1e-2, batch_size=8, val_every=200, val_count=8),  # ~10 min, 2 CPU cores
@@ -49,7 +52,9 @@ def parse_args(argv=None):
                    "wan2.1-t2v-1.3b, wan2.1-t2v-14b, or a backbone folder")
     p.add_argument("--degradation", default="noise", help="a degradation name or a +-joined mix (e.g. blur+noise); "
                    "ignored for paired data except in the output name")
-    p.add_argument("--t0", type=float, default=0.4, help="bridge horizon T0 in (0, 1]")
+    p.add_argument("--t0", type=parse_t0, default=0.4, help="bridge horizon T0 in (0, 1], or a range LOW:HIGH "
+                   "(e.g. 0.1:0.8): one prompt for every strength, T0 ~ U(LOW, HIGH) per sample, and a T0 curve "
+                   "measured on the validation images for sample.py --t0 auto")
     p.add_argument("--t-min", type=float, default=1e-4, help="smallest bridge time")
     p.add_argument("--pow", type=float, default=1.0, help="time-sampling skew p in t = t_min + (T0 - t_min) u^p")
     p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
@@ -75,12 +80,26 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="frozen weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
-    if not 0 < args.t0 <= 1:
-        raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
+    for T0 in args.t0 if isinstance(args.t0, tuple) else (args.t0,):
+        if not 0 < T0 <= 1:
+            raise UserError(f"--t0 must be in (0, 1], got {T0}")
+    if isinstance(args.t0, tuple) and args.t0[0] >= args.t0[1]:
+        raise UserError(f"--t0 {args.t0[0]}:{args.t0[1]}: the range's low end must be below its high end")
     for flag in ("steps", "batch_size", "val_count", "val_steps", "frames"):  # None: the backbone's default
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
+
+
+def parse_t0(text):
+    """'0.4' -> 0.4; '0.1:0.8' -> (0.1, 0.8), a range of horizons (adaptive T0)."""
+    try:
+        parts = [float(v) for v in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor a range LOW:HIGH like 0.1:0.8") from None
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: a range has two ends, LOW:HIGH")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def item_seed(seed, step, j):
@@ -143,13 +162,48 @@ def validate(backbone, bank, bridge, val_set, steps, seed, world):
     return metrics, (torch.cat(rows, dim=-2) if rows else None)
 
 
+CALIBRATION_GRID = 11  # T0 values tried across a trained range (linspace(low, high, 11))
+
+
+@torch.no_grad()
+def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
+    """The T0 curve of a prompt trained over bridge.T0_range (strength.py): the validation images degraded
+    at a ladder of strengths (paired data: as they are) and restored from every T0 of a grid, each image
+    from the same start noise. Every process computes the same numbers (no sharding: it is small)."""
+    clean = torch.stack([val_set[i]["clean"] for i in range(len(val_set))])
+    eps_seed = args.seed + 7
+
+    def restore(degraded, T0):
+        Y = backbone.encode(degraded)
+        eps = torch.randn(Y.shape, generator=torch.Generator().manual_seed(eps_seed)).to(Y.device)
+        x0 = bridge.at(T0).sample(lambda x, tau: backbone.velocity(x, tau, bank), Y, args.val_steps, eps=eps)
+        return backbone.decode(x0).cpu()
+
+    grid = torch.linspace(*bridge.T0_range, CALIBRATION_GRID).tolist()
+    show = lambda level, scores: say(f"calibrating T0 {level or 'val images'}: " + "  ".join(  # noqa: E731
+        f"{T0:.2f}:{p:.2f}" for T0, p in zip(grid, scores)))
+    if degradation is None:  # paired data: one rung, the validation pairs themselves
+        degraded = torch.stack([val_set[i]["degraded"] for i in range(len(val_set))])
+        scores = [psnr(restore(degraded, T0), clean).mean().item() for T0 in grid]
+        show(None, scores)
+        return {"T0": round(best_T0(grid, scores), 4)}
+    out = calibrate(restore, clean, degradation, grid, seed=args.seed, progress=show)
+    if "T0_curve" in out:
+        c = json.loads(out["T0_curve"])
+        say("T0 curve: " + ", ".join(f"{s:.3f} -> {T0:.2f}" for s, T0 in zip(c["strength"], c["T0"])))
+    say(f"default T0 (best on average over the validation strengths): {out['T0']:.3f}")
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     world = init(args.device)
     args.device = world.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    bridge = Bridge(args.bridge, args.t0, args.t_min, args.pow, args.ddbm_sigma)
+    T0_range = args.t0 if isinstance(args.t0, tuple) else None
+    bridge = Bridge(args.bridge, sum(T0_range) / 2 if T0_range else args.t0, args.t_min, args.pow, args.ddbm_sigma,
+                    T0_range)  # a range validates at its midpoint until calibrate() picks the default
     data = None if args.data is None else Path(args.data)
     if data is not None and not data.is_dir():
         raise UserError(f"--data {data}: no such folder")
@@ -171,6 +225,8 @@ def main(argv=None):
     elif is_clip_folder(data):
         if backbone.kind != "wan":
             raise UserError(f"{data} holds video clips; {backbone.name} trains on images (use a Wan backbone)")
+        if T0_range:
+            raise UserError("--t0 LOW:HIGH calibrates its T0 curve on images; train a video prompt at one T0")
         dataset = ClipFolder(data, degradation, resolution, args.frames, seed=args.seed)
     else:
         dataset = (PairedFolder(data, resolution, seed=args.seed) if paired
@@ -205,7 +261,7 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         print(f"resuming {ckpt_path} at step {start}")
-    meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, T0=args.t0, t_min=args.t_min,
+    meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, T0=bridge.T0, t_min=args.t_min,
                 ddbm_sigma=args.ddbm_sigma,
                 resolution=resolution if isinstance(resolution, int) else "x".join(map(str, resolution)), lr=lr,
                 batch_size=args.batch_size, seed=args.seed)
@@ -244,11 +300,13 @@ def main(argv=None):
         for step in bar:
             clean, degraded, gens = batch_at(train_set, step, args.batch_size, args.seed, world)
             X0, Y = backbone.encode(clean), backbone.encode(degraded)
-            t = torch.cat([bridge.sample_t(1, generator=g) for g in gens]).to(X0.device)
+            draws = [bridge.sample_T0_t(1, generator=g) for g in gens]  # per item: its horizon T0, then t
+            T0, t = (torch.cat(d).to(X0.device) for d in zip(*draws))
+            b = bridge.at(T0) if T0_range else bridge  # a range: every item on EBR's bridge for its own T0
             eps = torch.stack([torch.randn(X0.shape[1:], generator=g) for g in gens]).to(X0.device)
-            x_t = bridge.make_state(X0, Y, t, eps)
-            v = backbone.velocity(x_t, bridge.model_time(t), bank)
-            loss = bridge.loss(bridge.x0_from_velocity(x_t, t, v), X0)
+            x_t = b.make_state(X0, Y, t, eps)
+            v = backbone.velocity(x_t, b.model_time(t), bank)
+            loss = b.loss(b.x0_from_velocity(x_t, t, v), X0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(bank.parameters(), world)  # mean over processes = the global batch's gradient
@@ -268,6 +326,10 @@ def main(argv=None):
         return 130
     bar.close()
     checkpoint(steps)
+    if T0_range:  # measure which T0 each strength wants; the default T0 becomes the best on average
+        meta.update(calibrate_T0(backbone, bank, bridge, val_set, None if paired else degradation, args, say))
+        bridge = bridge.at(meta["T0"])
+        meta["T0_range"] = f"{T0_range[0]:g}:{T0_range[1]:g}"
     m = run_validation(steps)
     if world.main:
         save_prompt(bank, out, **meta, steps=steps, world_size=world.size)

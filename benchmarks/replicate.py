@@ -294,19 +294,24 @@ def train_cnn(args, backbone, degradation, data_dir, seconds):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def restore_set(backbone, bank, bridge, degraded, steps, batch=16):
+def restore_set(backbone, bank, bridge, degraded, steps, batch=16, T0s=None):
     """Restore [N, 3, H, W]; image i always starts from the noise of seed SAMPLE_SEED + i, so every
-    method sees the same noise. Beyond the tiny model's 64 x 64, sample.restore's overlapping tiles."""
+    method sees the same noise. Beyond the tiny model's 64 x 64, sample.restore's overlapping tiles.
+    T0s: one T0 per image (adaptive T0) instead of the bridge's own."""
+    bridges = [bridge.at(T0) for T0 in T0s] if T0s is not None else [bridge] * len(degraded)
     if backbone.name == "tiny" and max(degraded.shape[-2:]) > TINY_TILE:
-        return torch.stack([restore(backbone, [bank], bridge, x, steps, SAMPLE_SEED + i, tile=TINY_TILE)
-                            for i, x in enumerate(degraded)])
+        return torch.stack([restore(backbone, [bank], b, x, steps, SAMPLE_SEED + i, tile=TINY_TILE)
+                            for i, (x, b) in enumerate(zip(degraded, bridges))])
     velocity = lambda x, tau: backbone.velocity(x, tau, bank)  # noqa: E731
     out = []
-    for i0 in range(0, len(degraded), batch):
-        Y = backbone.encode(degraded[i0:i0 + batch])
+    groups = [list(range(i0, min(i0 + batch, len(degraded)))) for i0 in range(0, len(degraded), batch)]
+    if T0s is not None:  # a batch shares one bridge: one image at a time
+        groups = [[i] for i in range(len(degraded))]
+    for idx in groups:
+        Y = backbone.encode(degraded[idx])
         eps = torch.stack([torch.randn(Y.shape[1:], generator=torch.Generator().manual_seed(SAMPLE_SEED + i))
-                           for i in range(i0, i0 + len(Y))]).to(Y.device)
-        out.append(backbone.decode(bridge.sample(velocity, Y, steps, eps=eps)).cpu())
+                           for i in idx]).to(Y.device)
+        out.append(backbone.decode(bridges[idx[0]].sample(velocity, Y, steps, eps=eps)).cpu())
     return torch.cat(out)
 
 

@@ -29,7 +29,21 @@ eps_hat = (X - a(t_i) x0_hat - A(t_i) Y) / max(B(t_i), t_min), and re-project on
 time, X = a(t_{i+1}) x0_hat + A(t_{i+1}) Y + B(t_{i+1}) eps_hat (deterministic, DDIM-like). The output is
 x0_hat at the last grid point, NFE = N. For naive this is the rectified-flow DDIM (= Euler) step
 x = (1 - t') x0_hat + t' eps_hat started from (1 - T0) Y + T0 eps.
+
+Adaptive T0 (issue 19; the paper's stated limitation is that T0 needs careful tuning). One horizon cannot
+serve light and heavy degradations: X_T0 adds fresh noise of std T0, which a lightly noised image does not
+need and a heavily noised one needs more of. `T0_range = (lo, hi)` trains one prompt over many horizons:
+each sample draws T0 ~ U(lo, hi), then t in [t_min, T0] as above, and sits on EBR's bridge *for that T0*
+(`at(T0)`); P and alpha see nothing new, the state itself tells the frozen model its time. At sampling
+T0 is chosen per input (strength.py): estimate the degradation's strength s from the input alone (noise:
+sigma_hat = median |HH| / 0.6745 of the finest Haar band, Donoho's MAD rule), then T0 = curve(s), a
+piecewise-linear curve of the best T0 found on validation images at a ladder of strengths (train.py
+measures it and stores it in the prompt file). Failure cases: sigma_hat reads fine texture as noise (a
+clean, detailed photo gets a T0 above what it needs, which costs detail, not stability); noise that is
+not white (JPEG'd or demosaicked noise, low light) is underestimated; degradations without an estimator
+(blur, jpeg, haze, ...) get one calibrated T0, the best on average over their training strengths.
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -49,13 +63,19 @@ class Bridge:
     t_min: float = 1e-4   # smallest time; also the floor of the noise re-estimate's divisor
     pow: float = 1.0      # t = t_min + (T0 - t_min) u^pow: 1 uniform, < 1 more mass near T0, > 1 near t_min
     sigma: float = 1.0    # ddbm only: Brownian-bridge noise scale, noise std b = sigma sqrt(s (1 - s))
+    T0_range: tuple = None  # (lo, hi): train over horizons T0 ~ U(lo, hi), one per sample; T0 is then the
+                            # sampling default (adaptive T0, see the module docstring)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise UserError(f"unknown bridge {self.kind!r}: choose one of {', '.join(KINDS)}")
         if not 0.0 < self.T0 <= 1.0:
             raise UserError(f"T0 must be in (0, 1], got {self.T0}: pass e.g. --t0 0.4")
-        if not 0.0 < self.t_min < self.T0:
+        if self.T0_range is not None:
+            lo, hi = self.T0_range
+            if not 0.0 < lo < hi <= 1.0:
+                raise UserError(f"a T0 range must satisfy 0 < low < high <= 1, got {lo}:{hi}: pass e.g. --t0 0.1:0.8")
+        if not 0.0 < self.t_min < min((self.T0, *(self.T0_range or ()))):
             raise UserError(f"t_min must be in (0, T0={self.T0}), got {self.t_min}")
         if self.pow <= 0:
             raise UserError(f"the time-sampling power must be positive, got {self.pow}")
@@ -127,6 +147,24 @@ class Bridge:
         gdev = generator.device if generator is not None else (device or "cpu")
         u = torch.rand(batch, generator=generator, device=gdev)
         return (self.t_min + (self.T0 - self.t_min) * u**self.pow).to(device or gdev)
+
+    def sample_T0_t(self, batch, generator=None, device=None):
+        """Training horizons and times -> (T0 [batch], t [batch]). A fixed T0: T0 everywhere and t from
+        sample_t (the same draws as without a range). A range (lo, hi): T0 ~ U(lo, hi) first, then
+        t = t_min + (T0 - t_min) u^pow from a second draw, so t always lies in [t_min, T0]."""
+        gdev = generator.device if generator is not None else (device or "cpu")
+        if self.T0_range is None:
+            return torch.full((batch,), float(self.T0), device=device or gdev), self.sample_t(batch, generator, device)
+        lo, hi = self.T0_range
+        T0 = lo + (hi - lo) * torch.rand(batch, generator=generator, device=gdev)
+        return T0.to(device or gdev), self.at(T0).sample_t(batch, generator, device)
+
+    def at(self, T0):
+        """This bridge at horizon T0: a float, or a [B] tensor of per-sample horizons (every method above
+        then works per sample, broadcasting T0 against t). No range: its states are the fixed-T0 bridge's."""
+        b = copy.copy(self)
+        b.T0, b.T0_range = T0, None
+        return b
 
     # -- sampling -------------------------------------------------------------------------------
 

@@ -260,3 +260,42 @@ def test_bad_settings_are_user_errors(kwargs):
         Bridge(**kwargs)
     with pytest.raises(UserError):
         Bridge().grid(0)
+
+
+# -- adaptive T0: training over a range of horizons (issue 19) ----------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_range_bridge_at_drawn_T0_equals_fixed_bridge(kind):
+    """Per-sample horizons: the states, velocity targets and x0 estimates of the range bridge at the T0 it
+    drew are those of the fixed-T0 bridge at that T0, sample by sample."""
+    X0, Y, eps = latents(4)
+    br = Bridge(kind, T0=0.45, sigma=0.8, T0_range=(0.1, 0.8))
+    T0, t = br.sample_T0_t(SHAPE[0], torch.Generator().manual_seed(6))
+    assert ((T0 >= 0.1) & (T0 <= 0.8)).all() and ((t >= br.t_min) & (t <= T0)).all()
+    ranged = br.at(T0)
+    x_t, v = ranged.make_state(X0, Y, t, eps), torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    F_star, x0 = ranged.velocity_target(x_t, t, X0), ranged.x0_from_velocity(x_t, t, v)
+    for i in range(SHAPE[0]):
+        fixed = Bridge(kind, T0=T0[i].item(), sigma=0.8)
+        ti = t[i:i + 1]
+        torch.testing.assert_close(x_t[i:i + 1], fixed.make_state(X0[i:i + 1], Y[i:i + 1], ti, eps[i:i + 1]))
+        torch.testing.assert_close(F_star[i:i + 1], fixed.velocity_target(x_t[i:i + 1], ti, X0[i:i + 1]))
+        torch.testing.assert_close(x0[i:i + 1], fixed.x0_from_velocity(x_t[i:i + 1], ti, v[i:i + 1]))
+        assert float(ranged.model_time(t)[i]) == pytest.approx(float(fixed.model_time(ti)), rel=1e-6)
+
+
+def test_range_draws_cover_the_range_and_fixed_T0_draws_are_unchanged():
+    g = torch.Generator().manual_seed(8)
+    T0, t = Bridge(T0=0.45, T0_range=(0.1, 0.8)).sample_T0_t(20000, g)
+    assert abs(T0.mean().item() - 0.45) < 0.01 and T0.min() < 0.11 and T0.max() > 0.79  # U(0.1, 0.8)
+    assert (t <= T0).all() and abs((t / T0).mean().item() - 0.5) < 0.01  # t uniform on [t_min, T0] given T0
+    fixed = Bridge(T0=0.4)
+    T0, t = fixed.sample_T0_t(8, torch.Generator().manual_seed(5))
+    assert (T0 == 0.4).all() and torch.equal(t, fixed.sample_t(8, torch.Generator().manual_seed(5)))
+    assert fixed.at(0.4) == fixed  # no range: at() is the same bridge
+
+
+@pytest.mark.parametrize("lo_hi", [(0.5, 0.2), (0.0, 0.5), (0.3, 1.2)])
+def test_bad_T0_range_is_a_user_error(lo_hi):
+    with pytest.raises(UserError, match="T0 range"):
+        Bridge(T0=0.4, T0_range=lo_hi)

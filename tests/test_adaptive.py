@@ -1,0 +1,87 @@
+"""Adaptive T0 end to end: train.py over a T0 range writes a curve, sample.py --t0 auto follows it.
+
+A few training steps only (the curve of such a prompt means little; tests/test_strength.py checks that
+calibration finds the right T0 on a toy sampler): these check the plumbing and its reproducibility.
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minirestore.data import load_image
+from minirestore.photos import PhotoCrops
+from minirestore.prompts import load_prompt
+from minirestore.strength import curve_T0, noise_sigma
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(script, *args, cwd):
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def range_prompt(real_photos, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adaptive")
+    python("train.py", "--degradation", "noise", "--t0", "0.05:0.8", "--steps", "6", "--val-every", "0",
+           "--val-count", "2", "--val-steps", "2", "--out", d / "range.safetensors", cwd=d)
+    return d / "range.safetensors"
+
+
+def test_range_training_writes_a_T0_curve(range_prompt):
+    meta = load_prompt(range_prompt).meta
+    assert meta["T0_range"] == "0.05:0.8" and 0.05 <= float(meta["T0"]) <= 0.8
+    curve = json.loads(meta["T0_curve"])
+    assert curve["degradation"] == "noise" and len(curve["strength"]) == len(curve["T0"]) == 6
+    assert curve["strength"] == sorted(curve["strength"]) and curve["strength"][0] < 0.04 < 0.15 < curve["strength"][-1]
+    assert all(0.05 <= T0 <= 0.8 for T0 in curve["T0"])
+    assert len(curve["grid"]) == 11 and np.array(curve["psnr"]).shape == (6, 11)
+
+
+def noisy_photo(path, sigma, seed):
+    clean = PhotoCrops("test").crop(np.random.default_rng([71, seed]), 80)
+    noisy = (clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))).clamp(0, 1)
+    Image.fromarray((noisy.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+def chosen_T0(stdout):
+    m = re.search(r"estimated noise strength ([0-9.]+) -> T0 ([0-9.]+)", stdout)
+    assert m, stdout
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_auto_T0_follows_the_curve_and_is_reproducible(range_prompt, tmp_path):
+    curve = json.loads(load_prompt(range_prompt).meta["T0_curve"])
+    for name, sigma in (("light", 0.03), ("heavy", 0.25)):
+        noisy_photo(tmp_path / f"{name}.png", sigma, seed=1)
+        runs = []
+        for k in range(2):
+            out = python("sample.py", tmp_path / f"{name}.png", "--prompt", range_prompt, "--steps", "2",
+                         "--suffix", f"_{k}", cwd=tmp_path)  # no --t0: auto is the default for a range prompt
+            runs.append((chosen_T0(out), (tmp_path / f"{name}_{k}.png").read_bytes()))
+        (strength, T0), _ = runs[0]
+        assert runs[0] == runs[1]  # same T0, same bytes
+        x, _ = load_image(tmp_path / f"{name}.png")
+        assert strength == pytest.approx(noise_sigma(x).item(), abs=1e-4)
+        assert T0 == pytest.approx(curve_T0(curve, strength), abs=1e-3)
+        assert strength == pytest.approx(sigma, rel=0.35)  # the estimate reads the noise on a photo
+    fixed = python("sample.py", tmp_path / "heavy.png", "--prompt", range_prompt, "--steps", "2", "--t0", "0.3",
+                   "--suffix", "_fixed", cwd=tmp_path)
+    assert "(T0 0.3)" in fixed  # an explicit --t0 overrides the curve
+
+
+def test_prompt_without_a_curve_keeps_its_T0(real_photos, tmp_path):
+    noisy_photo(tmp_path / "p.png", 0.1, seed=2)
+    shipped = ROOT / "weights" / "tiny" / "prompts" / "blur.safetensors"
+    T0 = float(load_prompt(shipped).meta["T0"])
+    out = python("sample.py", tmp_path / "p.png", "--prompt", shipped, "--steps", "2", "--t0", "auto", cwd=tmp_path)
+    assert "has no T0 curve" in out and f"(T0 {T0:g})" in out
