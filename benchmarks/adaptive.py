@@ -82,6 +82,7 @@ def plot(path, curve, chosen, rows, sigmas):
         ys = [next(r["psnr"][0] for r in rows if r["method"] == method and r["sigma"] == s) for s in sigmas]
         b.plot(sigmas, ys, "o-" if "auto" in method else ".--", label=method, lw=2.5 if "auto" in method else 1)
     b.set(xlabel="noise sigma", ylabel="PSNR (dB)", title="restored PSNR on test photos", xscale="log")
+    b.minorticks_off()
     b.set_xticks(sigmas, [f"{s:g}" for s in sigmas])
     b.legend(fontsize=7)
     fig.tight_layout()
@@ -155,7 +156,7 @@ def main(argv=None):
                         f"{s:.3f} -> {T0:.2f}" for s, T0 in zip(curve["strength"], curve["T0"])) + ".", "",
                     "\n".join(lines), "", "\n".join(targets), ""])
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(dict(command=command, curve=curve, rows=rows), indent=1))
+    (out / "results.json").write_text(json.dumps(dict(command=command, curve=curve, rows=rows, chosen=chosen), indent=1))
     print("\n" + md)
     return 0
 

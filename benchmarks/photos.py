@@ -14,7 +14,8 @@ size, PSNR and SSIM (mean and 95% interval, mean +- 1.96 std / sqrt(n)) of:
   BM3D (noise)            PyPI `bm3d` at the true sigma (bm3d_rgb), a baseline only (pip install bm3d)
   no prompt               the frozen model sampled with the EBR sampler from the shipped prompt's T0
   shipped prompt          weights/tiny/prompts/<degradation>.safetensors, exactly as `python sample.py` runs it
-                          (its T0 and bridge from the file, 20 steps, 64 px tiles blended)
+                          (its bridge from the file, its T0 or, with a T0 curve, --t0 auto per image; 20 steps,
+                          64 px tiles blended); "no prompt" uses the same T0s
   --prompt NAME=FILE      any other prompt files (a T0 sweep, the baseline bridges), sampled the same way
 Paired differences (same images, same sampler noise): every row minus the shipped prompt. The targets table reads
 the issue's noise targets off them: shipped prompt - Gaussian filter >= 1 dB, shipped prompt - BM3D >= -2 dB.
@@ -47,6 +48,7 @@ from minirestore.degrade import DEGRADATIONS  # noqa: E402
 from minirestore.metrics import psnr, ssim  # noqa: E402
 from minirestore.photos import PhotoCrops  # noqa: E402
 from minirestore.prompts import load_prompt  # noqa: E402
+from minirestore.strength import auto_T0  # noqa: E402
 from sample import default_prompt  # noqa: E402
 
 LEVELS = {  # degradation -> the test levels (inside the ranges train.py's prompts train on)
@@ -125,10 +127,12 @@ def evaluate(args, backbone, degradation, level, size, n, val_photos, test_photo
     shipped = load_prompt(default_prompt(backbone.name, degradation), backbone=backbone.name, D=backbone.D,
                           n_blocks=backbone.n_blocks)
     bridge = prompt_bridge(shipped)
-    none = restore_set(backbone, None, Bridge("ebr", bridge.T0), degraded, args.sample_steps)
-    restored = restore_set(backbone, shipped, bridge, degraded, args.sample_steps)
-    methods.append((f"no prompt (T0 {bridge.T0:g})", none, "frozen model, EBR sampler"))
-    methods.append((f"shipped prompt ({bridge.kind}, T0 {bridge.T0:g})", restored, "what sample.py runs"))
+    T0s = [auto_T0(shipped.meta, x)[0] for x in degraded] if "T0_curve" in shipped.meta else None  # --t0 auto
+    none = restore_set(backbone, None, Bridge("ebr", bridge.T0), degraded, args.sample_steps, T0s=T0s)
+    restored = restore_set(backbone, shipped, bridge, degraded, args.sample_steps, T0s=T0s)
+    T0 = f"T0 {bridge.T0:g}" if T0s is None else f"auto T0 {np.mean(T0s):.2f} ± {np.std(T0s):.2f}"
+    methods.append((f"no prompt ({T0})", none, "frozen model, EBR sampler"))
+    methods.append((f"shipped prompt ({bridge.kind}, {T0})", restored, "what sample.py runs"))
     for name, path in args.prompt:
         bank = load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks)
         b = prompt_bridge(bank)
