@@ -21,6 +21,9 @@ TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 2e-3, to
 FP16 = torch.float16
 
 
+gpu_only = pytest.mark.skipif(DEVICE == "cpu", reason="a GPU case (compiled kernels, real sizes)")
+
+
 def bf16(*case):
     return pytest.param(torch.bfloat16, *case, marks=pytest.mark.skipif(DEVICE == "cpu", reason="bf16 dots need a GPU"))
 
@@ -98,6 +101,41 @@ def test_attention_strided_inputs():
     (ref_grad,) = torch.autograd.grad(ref, ref_qkv, torch.ones_like(ref))
     assert_close("out", out, ref, 1e-5)
     assert_close("dqkv", grad, ref_grad, 1e-5)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP16])
+@pytest.mark.parametrize("config", range(5))
+def test_every_config_on_gpu(monkeypatch, config, dtype):
+    """Each config the autotuner may choose (MINIRESTORE_KERNELS_CONFIG forces the i-th), every attention
+    kernel, ragged shapes: attention fwd+bwd and the prompted attention with Wan's 226 context rows."""
+    monkeypatch.setenv("MINIRESTORE_KERNELS_CONFIG", str(config))
+    torch.manual_seed(config)
+    xs = leaves(dtype, (1, 3, 1000, 128), (1, 3, 777, 128), (1, 3, 777, 128))
+    check(kernels.attention, reference.attention, xs, TOL[dtype], "qkv")
+    xs = leaves(dtype, (2, 2, 1500, 128), (2, 2, 226, 128), (2, 2, 226, 128), (2, 2, 226, 128), (2, 2, 226, 128))
+    a = torch.tensor(0.7, device=DEVICE, requires_grad=True)
+    check(kernels.prompted_attention, reference.prompted_attention, xs + [a], TOL[dtype],
+          ["q", "k", "v", "k_p", "v_p", "alpha"])
+
+
+@gpu_only
+def test_flux_size_attention_against_sdpa():
+    """FLUX.1-dev joint attention at 1024^2 (B1 H24 L4608 D128, bf16), forward and backward, autotuned."""
+    torch.manual_seed(0)
+    xs = leaves(torch.bfloat16, *[(1, 24, 4608, 128)] * 3)
+    check(kernels.attention, reference.attention, xs, TOL[torch.bfloat16], "qkv")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP16])
+def test_large_score_magnitudes_against_sdpa(dtype):
+    """Scores in the hundreds (q, k scaled up, as after a QK norm with large weights): the online softmax
+    must subtract its running max, or exp2 overflows. Against SDPA in fp32 on the same rounded inputs."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 4, L, 128, device=DEVICE) for L in (1100, 900, 900))
+    xs = [(x * s).to(dtype).requires_grad_() for x, s in ((q, 8.0), (k, 8.0), (v, 1.0))]
+    check(kernels.attention, reference.attention, xs, TOL[dtype], "qkv")
 
 
 # ---------------------------------------------------------------------------------------------
