@@ -200,7 +200,8 @@ def benchmark(args, cuda):
     m = backbone.multiple
     for flag in ("train_res", "sample_res"):
         if any(side % m for side in getattr(args, flag)):
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be multiples of {m}")
+            sides = "x".join(map(str, getattr(args, flag)))
+            raise UserError(f"--{flag.replace('_', '-')} {sides}: each side must be a multiple of {m}")
     if cuda:
         backbone.model.gradient_checkpointing = True  # as train.py does on CUDA
     bridge = Bridge("ebr", 0.4)
