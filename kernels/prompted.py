@@ -9,7 +9,8 @@ Backward. With dO the output gradient, the base branch sees dO and the prompted 
     d_alpha = sum(dO * o_p)
     delta_p = rowsum(dO * o_p)                  (the prompted branch's delta, before its alpha)
     delta_b = rowsum(dO * o) - alpha * delta_p  (= rowsum(dO * o_b))
-dK_p, dV_p come from flash._bwd_dkdv with DO_SCALE = alpha; dK, dV from the same kernel unscaled;
+dK_p, dV_p come from flash._bwd_dkdv with DO_SCALE = alpha; dK, dV from the same kernel unscaled, run
+only when asked for (Wan's base context is constant: ctx.needs_input_grad skips that kernel);
 dQ = scale * (dS_b K + alpha * dS_p K_p) in one kernel that walks both key sets.
 o_p is written by the forward only when a gradient will be needed (sampling skips that write).
 """
