@@ -7,7 +7,7 @@ sm_90 (H100/H200) and sm_80 (A100) on a machine without a GPU, with Triton's com
 Per kernel and config it prints shared memory (from the compiled kernel), registers and spill bytes
 (cuobjdump -res-usage on the cubin: STACK + LOCAL bytes > 0 is a spill) and the tensor-core path found
 in the PTX (wgmma = Hopper warpgroup MMA, mma = mma.sync, none = CUDA-core FMA), plus cp.async / TMA.
-The configs are those flash.choose() leaves for the arch's shared memory, dtype and head dim, i.e.
+The configs are those tuning.choose() leaves for the arch's shared memory, dtype and head dim, i.e.
 what the autotuner may pick at run time. The argument specialisation is the JIT's own (16-byte
 aligned pointers and strides, unit strides as constants) for the models' shapes: FLUX joint attention
 (H24 L4608) and Wan cross-attention (Lq 32760, Lk 226). The last line is
@@ -33,7 +33,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import flash, prologue, prompted  # noqa: E402
+from kernels import flash, prologue, prompted, tuning  # noqa: E402
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in maximum)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -119,7 +119,7 @@ def attention_jobs(dtype_name, D, arch):
     dtype = DTYPES[dtype_name]
     flux = attention_args(dtype, D, 4608, 4608)
     wan = attention_args(dtype, D, 32760, 226, H=12, Lk_p=226)
-    meta = dict(PRECISION=flash.precision(dtype), **flash.head_meta(D))
+    meta = dict(PRECISION=tuning.precision(dtype), **flash.head_meta(D))
     kernels = [("attention fwd", "fwd", "flash", "_fwd", flux, {}),
                ("attention dK/dV", "dkdv", "flash", "_bwd_dkdv", flux, dict(HAS_DO_SCALE=False)),
                ("attention dQ", "dq", "flash", "_bwd_dq", flux, {}),
@@ -128,11 +128,11 @@ def attention_jobs(dtype_name, D, arch):
                ("prompted dQ", "prompted_dq", "prompted", "_prompted_bwd_dq", wan, {})]
     jobs = []
     for label, kind, module, name, args, extra in kernels:
-        for m, n, warps, stages in flash.choose(kind, dtype, meta["BLOCK_D"], arch, SHARED_LIMIT[arch]):
+        for m, n, warps, stages in tuning.choose(kind, dtype, meta["BLOCK_D"], arch, SHARED_LIMIT[arch]):
             config = f"M{m} N{n} w{warps} s{stages}"
             jobs.append((label, config, (module, name, args, dict(meta, BLOCK_M=m, BLOCK_N=n, **extra), warps,
                                          stages, arch)))
-    pre = dict(BLOCK_M=64, BLOCK_D=flash.block_d(D))
+    pre = dict(BLOCK_M=64, BLOCK_D=tuning.block_d(D))
     jobs.append(("bwd preprocess", "M64 w4", ("flash", "_bwd_preprocess", flux, pre, 4, 3, arch)))
     return jobs
 
@@ -151,7 +151,7 @@ def prologue_jobs(dtype_name, D, arch):
     for name in ("s_kr", "s_rk", "s_vr", "s_rv", "s_o", "s_dkp", "s_dx"):
         kv.update({f"{name}_b": 226 * 1536, f"{name}_l": 1536})
     kv["s_dkp_c"] = 1
-    pro = dict(HAS_RES=True, HAS_PE=True, BLOCK_L=prologue.BLOCK_L, BLOCK_D=flash.block_d(D))
+    pro = dict(HAS_RES=True, HAS_PE=True, BLOCK_L=prologue.BLOCK_L, BLOCK_D=tuning.block_d(D))
     kvc = dict(BLOCK_L=block_l, BLOCK_C=block_c)
     return [("qkv prologue fwd", "L32 w4", ("prologue", "_fwd", qkv, pro, 4, 3, arch)),
             ("qkv prologue bwd", "L32 w4", ("prologue", "_bwd", qkv, pro, 4, 3, arch)),
