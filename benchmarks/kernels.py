@@ -5,8 +5,10 @@
 
 Rows (bf16, median of do_bench after warm-up, random data):
   attention     FLUX.1-dev 1024^2 joint attention B1 H24 L4608 D128; Wan 1.3B 480p 81 frames B1 H12 L32760 D128
-                vs SDPA (default backend) and SDPA (cuDNN backend); forward and forward+backward
+                vs SDPA's default choice and each backend forced (flash, cuDNN, memory-efficient);
+                forward and forward+backward
   prompted      Wan cross-attention Lq 32760 against Lk = Lk_p = 512 and 226, vs two SDPA calls plus the add
+                (default backend and cuDNN); forward+backward with the base context constant, as in Wan
   prologue      FLUX stream B1 L4608 H24 D128 with a 512-row prompt residual, vs the eager PyTorch sequence
                 (kernels/reference.py) and a device-to-device copy of the same bytes (the bandwidth ceiling)
   kv prologue   Wan 1.3B prompted cross-attention keys/values B1 L226 dim 1536 H12 (full-width RMSNorm of
@@ -77,7 +79,18 @@ def sdpa(backend):
 def fwd_bwd(fn, inputs):
     out = fn(*inputs)
     grad = torch.randn_like(out)
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
+    needed = [x for x in inputs if x.requires_grad]
+    return lambda: torch.autograd.grad(fn(*inputs), needed, grad)
+
+
+def sdpa_backends(cuda):
+    """(name, fn) of the SDPA baselines: the default choice, and on CUDA each backend forced."""
+    impls = [("SDPA default", sdpa(None))]
+    if cuda:
+        from torch.nn.attention import SDPBackend
+        impls += [("SDPA flash", sdpa(SDPBackend.FLASH_ATTENTION)), ("SDPA cuDNN", sdpa(SDPBackend.CUDNN_ATTENTION)),
+                  ("SDPA mem-efficient", sdpa(SDPBackend.EFFICIENT_ATTENTION))]
+    return impls
 
 
 def try_bench(fn, cuda):
@@ -94,10 +107,7 @@ def attention_rows(shapes, dtype, device, cuda):
         q = torch.randn(B, H, Lq, D, device=device, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(B, H, Lk, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
         flops = 4 * B * H * Lq * Lk * D
-        impls = [(ours("minirestore", cuda), kernels.attention), ("SDPA default", sdpa(None))]
-        if cuda:
-            from torch.nn.attention import SDPBackend
-            impls.append(("SDPA cuDNN", sdpa(SDPBackend.CUDNN_ATTENTION)))
+        impls = [(ours("minirestore", cuda), kernels.attention)] + sdpa_backends(cuda)
         for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
             for impl, fn in impls:
                 run = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else fwd_bwd(fn, (q, k, v))
@@ -109,15 +119,21 @@ def attention_rows(shapes, dtype, device, cuda):
 
 def prompted_rows(shapes, dtype, device, cuda):
     rows = []
-    two_calls = lambda q, k, v, kp, vp, a: F.scaled_dot_product_attention(q, k, v) + a * F.scaled_dot_product_attention(q, kp, vp)  # noqa: E731
+    def two_calls(attn):
+        return lambda q, k, v, kp, vp, a: attn(q, k, v) + a * attn(q, kp, vp)
+
+    impls = [(ours("minirestore fused", cuda), kernels.prompted_attention)]
+    impls += [(f"2x {name} + add", two_calls(fn)) for name, fn in sdpa_backends(cuda) if "flash" not in name
+              and "mem" not in name]
     for name, B, H, Lq, Lk, D in shapes:
         q = torch.randn(B, H, Lq, D, device=device, dtype=dtype, requires_grad=True)
-        kv = [torch.randn(B, H, Lk, D, device=device, dtype=dtype, requires_grad=True) for _ in range(4)]
+        # the base context's k, v are constant in Wan (no gradient); the prompted ones train P
+        kv = [torch.randn(B, H, Lk, D, device=device, dtype=dtype, requires_grad=i >= 2) for i in range(4)]
         alpha = torch.tensor(0.3, device=device, requires_grad=True)
         inputs = (q, *kv, alpha)
         flops = 4 * B * H * Lq * 2 * Lk * D
         for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-            for impl, fn in ((ours("minirestore fused", cuda), kernels.prompted_attention), ("2x SDPA + add", two_calls)):
+            for impl, fn in impls:
                 run = (lambda fn=fn: fn(*inputs)) if mode == "fwd" else fwd_bwd(fn, inputs)
                 with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                     ms = try_bench(run, cuda)
@@ -196,11 +212,13 @@ def main():
     parser.add_argument("--write", action="store_true", help="append a CPU smoke run to RESULTS.md too (labelled CPU)")
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
     parser.add_argument("--only", choices=["attention", "prompted", "prologue"], default=None)
+    parser.add_argument("--shapes", choices=["auto", "tiny"], default="auto",
+                        help="tiny: the CPU shapes on a GPU too (a quick run of the whole table)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if cuda:
-        device, dtype, shapes = "cuda", torch.bfloat16, GPU_SHAPES
+        device, dtype, shapes = "cuda", torch.bfloat16, GPU_SHAPES if args.shapes == "auto" else CPU_SHAPES
         import triton
         where = f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
     else:

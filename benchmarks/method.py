@@ -3,14 +3,17 @@
     python benchmarks/method.py                     # on a GPU: FLUX.1-dev at real size (random bf16 weights)
     python benchmarks/method.py --model tiny        # a small FLUX-shaped backbone, seconds on the CPU
     python benchmarks/method.py --write             # also append the table to benchmarks/RESULTS.md
+    python benchmarks/method.py --model wan2.1-t2v-1.3b --train-res 480x832 --frames 33 --sample-res 480x832
+    python benchmarks/method.py --model tiny-wan    # a small Wan-shaped backbone for the CPU
 
 The backbone is built from its config with RANDOM weights (nothing is downloaded): modules on the meta
 device, cast, then `to_empty` on the target device and filled in place, so the 12B transformer never
 exists in fp32 (bf16 parameters, about 24 GB). The context is random tensors of the real shape
-(FLUX: txt [1, 512, 4096], y [1, 768]). Rows, each measured in both modes in the same run:
+(FLUX: txt [1, 512, 4096], y [1, 768]; Wan: context [1, 226, 4096]). Rows, each measured in both modes:
 
   train step     train.py's step: encode clean and degraded, EBR state, velocity with P and alpha,
-                 x0-MSE, backward to P and alpha, AdamW; gradient checkpointing on for CUDA
+                 x0-MSE, backward to P and alpha, AdamW; gradient checkpointing on for CUDA (Wan with
+                 --frames F: clips of F frames)
   restore        sample.py's restore(): encode, 20 EBR sampler steps, decode; one image
 
   fused          MINIRESTORE_KERNELS unset: the Triton kernels on CUDA (on the CPU the reference path)
@@ -37,9 +40,11 @@ sys.path.insert(0, ROOT)  # before benchmarks/, so `import kernels` is the packa
 from minirestore import UserError  # noqa: E402
 from minirestore.cli import Help, run  # noqa: E402
 from minirestore.autoencoder import FLUX_AE, AutoEncoder, AutoEncoderConfig  # noqa: E402
-from minirestore.backbone import Backbone  # noqa: E402
+from minirestore.backbone import WAN_CONTEXT_LENGTH, Backbone  # noqa: E402
 from minirestore.bridge import Bridge  # noqa: E402
 from minirestore.flux import FLUX_PRESETS, Flux, FluxConfig, default_axes_dim  # noqa: E402
+from minirestore.wan import WAN_PRESETS, WanConfig, WanModel  # noqa: E402
+from minirestore.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 from sample import restore  # noqa: E402
 
 # A FLUX-shaped backbone small enough for a CPU: guidance-embedded like dev, 16x image-to-token factor.
@@ -51,7 +56,10 @@ TINY = dict(
                          z_channels=16, scale_factor=0.3611, shift_factor=0.1159),
     K=16,
 )
+TINY_WAN = dict(wan=WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=16, text_dim=32),
+                vae=WanVAEConfig(dim=8))
 REAL_K = 512  # T5 tokens of FLUX.1-dev's context
+MODELS = ["tiny", "tiny-wan", *FLUX_PRESETS, *WAN_PRESETS]
 
 
 @torch.no_grad()
@@ -76,8 +84,21 @@ def build(module_fn, device, dtype):
     return randomise(model.to_empty(device=device)).eval().requires_grad_(False)
 
 
+def random_wan(name, device, dtype):
+    """A Wan Backbone with random weights: the real preset and VAE, or a tiny Wan-shaped config."""
+    wan_cfg, vae_cfg = (TINY_WAN["wan"], TINY_WAN["vae"]) if name == "tiny-wan" else (WAN_PRESETS[name], WanVAEConfig())
+    model = build(lambda: WanModel(wan_cfg), device, dtype)
+    vae = build(lambda: WanVAE(vae_cfg), device, torch.float32)
+    L = min(WAN_CONTEXT_LENGTH, wan_cfg.text_len)
+    context = {"context": torch.randn(1, L, wan_cfg.text_dim, generator=torch.Generator().manual_seed(1)).to(device)}
+    return Backbone(name=f"random-{name}", kind="wan", model=model, vae=vae, context=context,
+                    multiple=vae_cfg.spatial_factor * wan_cfg.patch_size[1])
+
+
 def random_backbone(name, device, dtype):
     """A Backbone with random weights: the real FLUX preset and autoencoder, or the tiny config."""
+    if name in WAN_PRESETS or name == "tiny-wan":
+        return random_wan(name, device, dtype)
     if name == "tiny":
         flux_cfg, ae_cfg, K = TINY["flux"], TINY["ae"], TINY["K"]
     else:
@@ -178,8 +199,9 @@ def benchmark(args, cuda):
     backbone = random_backbone(args.model, device, dtype)
     m = backbone.multiple
     for flag in ("train_res", "sample_res"):
-        if getattr(args, flag) % m:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a multiple of {m}")
+        if any(side % m for side in getattr(args, flag)):
+            sides = "x".join(map(str, getattr(args, flag)))
+            raise UserError(f"--{flag.replace('_', '-')} {sides}: each side must be a multiple of {m}")
     if cuda:
         backbone.model.gradient_checkpointing = True  # as train.py does on CUDA
     bridge = Bridge("ebr", 0.4)
@@ -188,13 +210,15 @@ def benchmark(args, cuda):
         bank.alpha.normal_(0, 0.1)  # a trained-looking gate, so the prompt path does real work
     opt = torch.optim.AdamW(bank.parameters(), lr=2e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    clean = torch.rand(args.batch_size, 3, args.train_res, args.train_res, generator=g)
+    frames = (args.frames,) if args.frames > 1 else ()  # Wan clips [B, 3, F, H, W]
+    clean = torch.rand(args.batch_size, 3, *frames, *args.train_res, generator=g)
     degraded = (clean + 0.1 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
-    image = torch.rand(3, args.sample_res, args.sample_res, generator=g)
+    image = torch.rand(3, *args.sample_res, generator=g)
 
-    work = [(f"train step (batch {args.batch_size})", args.train_res,
+    train_what = f"train step (batch {args.batch_size}" + (f", {args.frames} frames)" if frames else ")")
+    work = [(train_what, "x".join(map(str, args.train_res)),
              lambda: train_step(backbone, bank, opt, bridge, clean, degraded, g)),
-            (f"restore ({args.sample_steps} steps)", args.sample_res,
+            (f"restore ({args.sample_steps} steps)", "x".join(map(str, args.sample_res)),
              lambda: restore(backbone, [bank], bridge, image, args.sample_steps, seed=0))]
     rows = []
     for what, res, fn in work:
@@ -208,7 +232,7 @@ def benchmark(args, cuda):
                 path += f" - FAILED: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
                 if cuda:
                     torch.cuda.empty_cache()
-            rows.append((what, f"{res}x{res}", mode, path, seconds, mib))
+            rows.append((what, res, mode, path, seconds, mib))
             print(f"  {what:24} {mode:9} {seconds:9.3f} s  {mib:9.0f} MiB  {path}", flush=True)
     return rows
 
@@ -228,14 +252,25 @@ def speedups(rows):
             for what in dict.fromkeys(w for w, *_ in rows)]
 
 
+def resolution(text):
+    """'512' -> (512, 512); '480x832' -> (480, 832)."""
+    sides = tuple(int(x) for x in str(text).lower().split("x"))
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2 or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or HxW in pixels")
+    return sides
+
+
 def main(argv=None):
     cuda_available = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
-    p.add_argument("--model", choices=["tiny", *FLUX_PRESETS], default="flux-dev" if cuda_available else "tiny",
-                   help="the backbone's config (random weights): a real FLUX preset, or tiny for the CPU")
+    p.add_argument("--model", choices=MODELS, default="flux-dev" if cuda_available else "tiny",
+                   help="the backbone's config (random weights): a real FLUX or Wan preset, or tiny / tiny-wan for the CPU")
     p.add_argument("--device", default="cuda" if cuda_available else "cpu")
-    p.add_argument("--train-res", type=int, help="training crop in pixels (default: 512 on CUDA, 32 on CPU)")
-    p.add_argument("--sample-res", type=int, help="restored image side in pixels (default: 1024 on CUDA, 32 on CPU)")
+    p.add_argument("--train-res", type=resolution, help="training crop in pixels, N or HxW (default: 512 on CUDA, 32 on CPU)")
+    p.add_argument("--sample-res", type=resolution, help="restored image in pixels, N or HxW (default: 1024 on CUDA, 32 on CPU)")
+    p.add_argument("--frames", type=int, default=1, help="frames per training clip (Wan; 4k+1)")
     p.add_argument("--sample-steps", type=int, default=20, help="EBR sampler steps per image")
     p.add_argument("--batch-size", type=int, default=1, help="images per training step")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row (Triton compiles here)")
@@ -246,13 +281,15 @@ def main(argv=None):
     cuda = str(args.device).startswith("cuda")
     if cuda and not cuda_available:
         raise UserError("--device cuda but no CUDA GPU is visible: run on the CPU with --model tiny")
-    if not cuda and args.model != "tiny":
+    if not cuda and not args.model.startswith("tiny"):
         raise UserError(f"--model {args.model} at real size needs a CUDA GPU (about 24 GB of bf16 weights); "
                         "use --model tiny on the CPU")
-    args.train_res = args.train_res or (512 if cuda else 32)
-    args.sample_res = args.sample_res or (1024 if cuda else 32)
+    args.train_res = args.train_res or resolution("512" if cuda else "32")
+    args.sample_res = args.sample_res or resolution("1024" if cuda else "32")
     args.repeats = args.repeats or (5 if cuda else 3)
-    for flag in ("train_res", "sample_res", "sample_steps", "batch_size", "repeats"):
+    if args.frames > 1 and (args.frames % 4 != 1 or "wan" not in args.model):
+        raise UserError(f"--frames {args.frames}: clips are for Wan models and have 4k+1 frames")
+    for flag in ("sample_steps", "batch_size", "repeats", "frames"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0:

@@ -13,10 +13,14 @@ everywhere; MINIRESTORE_KERNELS=triton forces the Triton kernels (on the CPU tha
 interpreter, TRITON_INTERPRET=1, which the tests use). The variable is read at every call.
 
 The Triton modules (flash.py, prompted.py, prologue.py) are imported on first use, so a machine
-without triton (macOS) runs the reference in auto mode. MINIRESTORE_KERNELS_POISON=1 makes the
-Triton wrappers fill their outputs with NaN first, so an element a kernel never writes shows up.
+without triton (macOS) runs the reference in auto mode (with one warning if it has a GPU). Inputs the
+kernels do not support take the reference too: dtypes other than fp16, bf16 and fp32, and attention
+head dims above MAX_TRITON_HEAD_DIM. TRITON_INTERPRET=1 with CUDA tensors is refused (the interpreter
+would run them on the CPU, very slowly). MINIRESTORE_KERNELS_POISON=1 makes the Triton wrappers fill
+their outputs with NaN first, so an element a kernel never writes shows up.
 """
 import os
+import warnings
 
 import torch
 
@@ -42,22 +46,43 @@ def _load():
     return _triton
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels compute in; others: reference
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
 def _use_triton(*tensors):
     choice = os.environ.get("MINIRESTORE_KERNELS", "auto")
     if choice == "torch":
         return False
     if choice not in ("auto", "triton"):
         raise UserError(f"MINIRESTORE_KERNELS={choice!r} is not a choice: use auto, torch or triton")
-    if choice == "auto" and not tensors[0].is_cuda:
+    x = tensors[0]
+    if choice == "auto" and not x.is_cuda:
         return False
+    if x.dtype not in SUPPORTED_DTYPES:
+        return False  # e.g. fp64 (gradient checks): the reference computes it
+    if x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise UserError("TRITON_INTERPRET=1 is set but the inputs are CUDA tensors: unset TRITON_INTERPRET to run "
+                        "the compiled kernels, or set MINIRESTORE_KERNELS=torch")
     loaded = _load()
     if isinstance(loaded, ImportError):
-        if choice == "auto":
-            return False  # no triton on this platform: the reference is the fallback
+        if choice == "auto":  # no triton on this platform: the reference is the fallback
+            _warn_once(f"triton cannot be imported ({loaded}): CUDA tensors take the PyTorch reference kernels; "
+                       "install triton for the fused ones")
+            return False
         raise UserError(f"MINIRESTORE_KERNELS=triton but triton cannot be imported ({loaded}); "
                         "install triton or unset MINIRESTORE_KERNELS")
-    if not loaded[0].INTERPRET and not tensors[0].is_cuda:
-        raise UserError(f"MINIRESTORE_KERNELS=triton got {tensors[0].device} tensors but the kernels were compiled "
+    if loaded[0].INTERPRET and x.is_cuda:  # the variable was set when the kernels were imported
+        raise UserError("the Triton kernels were imported under TRITON_INTERPRET=1 but the inputs are CUDA tensors: "
+                        "start a process without TRITON_INTERPRET, or set MINIRESTORE_KERNELS=torch")
+    if not loaded[0].INTERPRET and not x.is_cuda:
+        raise UserError(f"MINIRESTORE_KERNELS=triton got {x.device} tensors but the kernels were compiled "
                         "for CUDA; set TRITON_INTERPRET=1 before the first kernel call to run Triton on the CPU, "
                         "or use MINIRESTORE_KERNELS=torch")
     return True
@@ -70,13 +95,14 @@ def _check(name, x, *others):
                             f"and {t.dtype}/{t.device}; cast them first")
 
 
-# Head dims above this do not fit a GPU tile (q, k, v tiles in shared memory); the one such caller,
-# the VAE's single-head mid-block attention (D = 512), is a small call that SDPA serves well.
-MAX_TRITON_HEAD_DIM = 256
+# Head dims above this take the reference (SDPA): the tile configs are compile-checked up to it
+# (flash.MAX_HEAD_DIM, benchmarks/compile_check.py). FLUX and Wan use 128; the VAE's single-head
+# mid-block attention (D = 512) is a small call that SDPA serves well.
+MAX_TRITON_HEAD_DIM = 128
 
 
 def _too_wide(q):
-    return q.is_cuda and q.shape[-1] > MAX_TRITON_HEAD_DIM
+    return q.shape[-1] > MAX_TRITON_HEAD_DIM
 
 
 def attention(q, k, v):

@@ -21,6 +21,9 @@ TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 2e-3, to
 FP16 = torch.float16
 
 
+gpu_only = pytest.mark.skipif(DEVICE == "cpu", reason="a GPU case (compiled kernels, real sizes)")
+
+
 def bf16(*case):
     return pytest.param(torch.bfloat16, *case, marks=pytest.mark.skipif(DEVICE == "cpu", reason="bf16 dots need a GPU"))
 
@@ -100,6 +103,41 @@ def test_attention_strided_inputs():
     assert_close("dqkv", grad, ref_grad, 1e-5)
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP16])
+@pytest.mark.parametrize("config", range(5))
+def test_every_config_on_gpu(monkeypatch, config, dtype):
+    """Each config the autotuner may choose (MINIRESTORE_KERNELS_CONFIG forces the i-th), every attention
+    kernel, ragged shapes: attention fwd+bwd and the prompted attention with Wan's 226 context rows."""
+    monkeypatch.setenv("MINIRESTORE_KERNELS_CONFIG", str(config))
+    torch.manual_seed(config)
+    xs = leaves(dtype, (1, 3, 1000, 128), (1, 3, 777, 128), (1, 3, 777, 128))
+    check(kernels.attention, reference.attention, xs, TOL[dtype], "qkv")
+    xs = leaves(dtype, (2, 2, 1500, 128), (2, 2, 226, 128), (2, 2, 226, 128), (2, 2, 226, 128), (2, 2, 226, 128))
+    a = torch.tensor(0.7, device=DEVICE, requires_grad=True)
+    check(kernels.prompted_attention, reference.prompted_attention, xs + [a], TOL[dtype],
+          ["q", "k", "v", "k_p", "v_p", "alpha"])
+
+
+@gpu_only
+def test_flux_size_attention_against_sdpa():
+    """FLUX.1-dev joint attention at 1024^2 (B1 H24 L4608 D128, bf16), forward and backward, autotuned."""
+    torch.manual_seed(0)
+    xs = leaves(torch.bfloat16, *[(1, 24, 4608, 128)] * 3)
+    check(kernels.attention, reference.attention, xs, TOL[torch.bfloat16], "qkv")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP16])
+def test_large_score_magnitudes_against_sdpa(dtype):
+    """Scores in the hundreds (q, k scaled up, as after a QK norm with large weights): the online softmax
+    must subtract its running max, or exp2 overflows. Against SDPA in fp32 on the same rounded inputs."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 4, L, 128, device=DEVICE) for L in (1100, 900, 900))
+    xs = [(x * s).to(dtype).requires_grad_() for x, s in ((q, 8.0), (k, 8.0), (v, 1.0))]
+    check(kernels.attention, reference.attention, xs, TOL[dtype], "qkv")
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompted (two-context) attention
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +158,39 @@ def test_prompted_attention(dtype, B, H, Lq, Lk, Lk_p, D, alpha):
     a = torch.tensor(alpha, device=DEVICE, requires_grad=True)  # the gate stays fp32, like alpha_l
     check(kernels.prompted_attention, reference.prompted_attention, xs + [a], TOL[dtype],
           ["q", "k", "v", "k_p", "v_p", "alpha"])
+
+
+def test_prompted_attention_skips_gradients_nobody_needs(monkeypatch):
+    """Wan's base context is constant: no dK, dV kernel runs for it, and the other gradients still match."""
+    from kernels import prompted
+    calls = []
+    real = prompted.backward_dkdv
+    monkeypatch.setattr(prompted, "backward_dkdv", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    torch.manual_seed(3)
+    q, k, v, k_p, v_p = (torch.randn(1, 2, L, 32, device=DEVICE) for L in (90, 40, 40, 50, 50))
+    q, k_p, v_p = (x.requires_grad_() for x in (q, k_p, v_p))
+    a = torch.tensor(0.6, device=DEVICE, requires_grad=True)
+    do = torch.randn(1, 2, 90, 32, device=DEVICE)
+    grads = torch.autograd.grad(kernels.prompted_attention(q, k, v, k_p, v_p, a), (q, k_p, v_p, a), do)
+    assert len(calls) == 1 and "do_scale" in calls[0]  # only the prompted context's dK, dV
+    xs = as_fp32((q, k_p, v_p, a))
+    want = torch.autograd.grad(reference.prompted_attention(xs[0], k, v, xs[1], xs[2], xs[3]), xs, do)
+    for name, g, w in zip(["q", "k_p", "v_p", "alpha"], grads, want):
+        assert_close(f"d{name}", g, w, TOL[torch.float32])
+
+
+def test_attention_splits_the_queries_of_short_key_sets():
+    """The dK/dV kernel splits the queries over programs when there are few key tiles (checked here:
+    the ragged shapes of test_attention with Lk 1 and 226 take that path)."""
+    from kernels import flash
+    cpu = torch.device("cpu")
+    assert flash.query_chunks(257, 1, 2, cpu) == (3, 128)  # chunks of 128 rows, the last one ragged
+    assert flash.query_chunks(130, 226, 2, cpu) == (2, 128)
+    assert flash.query_chunks(257, 300, 2, cpu)[0] == 1  # enough key tiles: one chunk
+    torch.manual_seed(4)
+    xs = leaves(torch.float32, (1, 1, 300, 16), (1, 1, 20, 16), (1, 1, 20, 16))
+    assert flash.query_chunks(300, 20, 1, cpu)[0] == 3
+    check(kernels.attention, reference.attention, xs, TOL[torch.float32], "qkv")
 
 
 def test_prompted_attention_without_grad():
@@ -221,6 +292,59 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("MINIRESTORE_KERNELS", "fast")
     with pytest.raises(UserError, match="MINIRESTORE_KERNELS"):
         kernels.attention(q, q, q)
+
+
+def record(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(name) or real(*a, **kw))
+    return calls
+
+
+def test_dispatch_falls_back_for_unsupported_dtypes_and_head_dims(monkeypatch):
+    from kernels import flash
+    ours, ref = record(monkeypatch, flash, "attention"), record(monkeypatch, reference, "attention")
+    q = torch.randn(1, 1, 8, 16, device=DEVICE, dtype=torch.float64)
+    kernels.attention(q, q, q)  # fp64 (forced triton, fixture): the kernels do not compute it
+    assert (ours, ref) == ([], ["attention"])
+    q = torch.randn(1, 1, 8, kernels.MAX_TRITON_HEAD_DIM + 8, device=DEVICE)
+    kernels.attention(q, q, q)  # wider than the compile-checked tiles
+    assert (ours, ref) == ([], ["attention"] * 2)
+    torch.manual_seed(5)
+    xs = leaves(torch.float32, *[(1, 1, 70, kernels.MAX_TRITON_HEAD_DIM)] * 3)
+    check(kernels.attention, reference.attention, xs, TOL[torch.float32], "qkv")  # the limit itself runs ours
+    assert ours == ["attention"] and len(ref) == 3  # check() calls the reference once more
+
+
+class FakeCuda:
+    """Just what the dispatch reads from a tensor, for a CUDA input on a machine without a GPU."""
+    is_cuda, dtype, device = True, torch.float16, "cuda:0"
+
+
+def test_dispatch_refuses_the_interpreter_with_cuda_tensors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for mode in ("auto", "triton"):
+        monkeypatch.setenv("MINIRESTORE_KERNELS", mode)
+        with pytest.raises(UserError, match="TRITON_INTERPRET=1 .* CUDA tensors"):
+            kernels._use_triton(FakeCuda())
+    monkeypatch.setenv("MINIRESTORE_KERNELS", "torch")
+    assert not kernels._use_triton(FakeCuda())
+
+
+def test_dispatch_warns_once_when_triton_is_missing_on_cuda(monkeypatch):
+    monkeypatch.setattr(kernels, "_triton", ImportError("No module named 'triton'"))
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("MINIRESTORE_KERNELS", "auto")
+    with pytest.warns(UserWarning, match="triton cannot be imported"):
+        assert not kernels._use_triton(FakeCuda())
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not kernels._use_triton(FakeCuda())  # once only
+    monkeypatch.setenv("MINIRESTORE_KERNELS", "triton")
+    with pytest.raises(UserError, match="cannot be imported"):
+        kernels._use_triton(FakeCuda())
 
 
 # ---------------------------------------------------------------------------------------------
