@@ -34,7 +34,7 @@ from minirestore.degrade import parse
 from minirestore.distributed import average_gradients, barrier, close, init, sum_across
 from minirestore.metrics import psnr, ssim
 from minirestore.prompts import save_prompt
-from minirestore.strength import best_T0, calibrate
+from minirestore.strength import calibrate
 
 DEFAULTS = {  # per backbone: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
     "tiny": dict(resolution=64, steps=600, lr=1e-2, batch_size=8, val_every=200, val_count=8),  # ~10 min, 2 CPU cores
@@ -80,11 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="frozen weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
-    for T0 in args.t0 if isinstance(args.t0, tuple) else (args.t0,):
-        if not 0 < T0 <= 1:
-            raise UserError(f"--t0 must be in (0, 1], got {T0}")
-    if isinstance(args.t0, tuple) and args.t0[0] >= args.t0[1]:
-        raise UserError(f"--t0 {args.t0[0]}:{args.t0[1]}: the range's low end must be below its high end")
+    if not isinstance(args.t0, tuple) and not 0 < args.t0 <= 1:  # a range is checked by Bridge
+        raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
     for flag in ("steps", "batch_size", "val_count", "val_steps", "frames"):  # None: the backbone's default
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -182,12 +179,8 @@ def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
     grid = torch.linspace(*bridge.T0_range, CALIBRATION_GRID).tolist()
     show = lambda level, scores: say(f"calibrating T0 {level or 'val images'}: " + "  ".join(  # noqa: E731
         f"{T0:.2f}:{p:.2f}" for T0, p in zip(grid, scores)))
-    if degradation is None:  # paired data: one rung, the validation pairs themselves
-        degraded = torch.stack([val_set[i]["degraded"] for i in range(len(val_set))])
-        scores = [psnr(restore(degraded, T0), clean).mean().item() for T0 in grid]
-        show(None, scores)
-        return {"T0": round(best_T0(grid, scores), 4)}
-    out = calibrate(restore, clean, degradation, grid, seed=args.seed, progress=show)
+    paired = None if degradation else torch.stack([val_set[i]["degraded"] for i in range(len(val_set))])
+    out = calibrate(restore, clean, degradation, grid, seed=args.seed, progress=show, degraded=paired)
     if "T0_curve" in out:
         c = json.loads(out["T0_curve"])
         say("T0 curve: " + ", ".join(f"{s:.3f} -> {T0:.2f}" for s, T0 in zip(c["strength"], c["T0"])))

@@ -304,10 +304,8 @@ def restore_set(backbone, bank, bridge, degraded, steps, batch=16, T0s=None):
                             for i, (x, b) in enumerate(zip(degraded, bridges))])
     velocity = lambda x, tau: backbone.velocity(x, tau, bank)  # noqa: E731
     out = []
-    groups = [list(range(i0, min(i0 + batch, len(degraded)))) for i0 in range(0, len(degraded), batch)]
-    if T0s is not None:  # a batch shares one bridge: one image at a time
-        groups = [[i] for i in range(len(degraded))]
-    for idx in groups:
+    batch = 1 if T0s is not None else batch  # a batch shares one bridge: one image at a time
+    for idx in (list(range(i0, min(i0 + batch, len(degraded)))) for i0 in range(0, len(degraded), batch)):
         Y = backbone.encode(degraded[idx])
         eps = torch.stack([torch.randn(Y.shape[1:], generator=torch.Generator().manual_seed(SAMPLE_SEED + i))
                            for i in idx]).to(Y.device)

@@ -73,24 +73,26 @@ def best_T0(grid, scores):
 
 
 @torch.no_grad()
-def calibrate(restore, clean, degradation, grid, seed=0, progress=None):
+def calibrate(restore, clean, degradation, grid, seed=0, progress=None, degraded=None):
     """Measure the T0 curve of a prompt on validation images.
 
     restore(degraded [N, 3, H, W], T0) -> restored [N, 3, H, W] (the prompt's sampler, fixed start noise);
-    clean: [N, 3, H, W] validation images; grid: the T0 values tried. Returns a dict for the prompt file:
-    T0 (the calibrated default, best mean PSNR over all rungs) and, where the degradation has an estimator,
+    clean: [N, 3, H, W] validation images; grid: the T0 values tried; degraded: given for paired data (one
+    rung, the pairs as they are; degradation is then ignored). Returns a dict for the prompt file: T0 (the
+    calibrated default, best mean PSNR over all rungs) and, where the degradation has an estimator,
     T0_curve (JSON: degradation, strength, T0, and the PSNR table it was read from)."""
-    estimate = ESTIMATORS.get(degradation)
+    estimate = ESTIMATORS.get(degradation) if degraded is None else None
     ladder = LADDERS.get(degradation, [{}]) if estimate else [{}]  # {}: the degradation's training strengths
     strengths, best, table = [], [], []
     for r, level in enumerate(ladder):
         g = torch.Generator().manual_seed(seed * 1_000 + r)
-        degraded = DEGRADATIONS[degradation](clean, generator=g, **level) if level else degrade(clean, degradation, g)
-        scores = [psnr(restore(degraded, T0), clean).mean().item() for T0 in grid]
+        images = degraded if degraded is not None else (
+            DEGRADATIONS[degradation](clean, generator=g, **level) if level else degrade(clean, degradation, g))
+        scores = [psnr(restore(images, T0), clean).mean().item() for T0 in grid]
         if progress:
             progress(level, scores)
         if estimate:
-            strengths.append(estimate(degraded).mean().item())
+            strengths.append(estimate(images).mean().item())
         best.append(best_T0(grid, scores))
         table.append([round(v, 3) for v in scores])
     mean = np.mean(table, axis=0).tolist()

@@ -76,3 +76,12 @@ def test_calibration_without_an_estimator_gives_one_T0():
     restore = lambda d, T0: clean * (1 - abs(T0 - 0.3)) + d * abs(T0 - 0.3)  # noqa: E731  best at T0 0.3
     out = calibrate(restore, clean, "blur", [0.1, 0.2, 0.3, 0.4, 0.5])
     assert set(out) == {"T0"} and out["T0"] == pytest.approx(0.3)
+
+
+def test_calibration_on_given_pairs_gives_one_T0():
+    """Paired data: the pairs as they are (no ladder, no curve, even for noise)."""
+    clean = smooth_images(2, 32)
+    degraded = (clean + 0.1).clamp(0, 1)
+    restore = lambda d, T0: clean * (1 - abs(T0 - 0.3)) + d * abs(T0 - 0.3)  # noqa: E731  best at T0 0.3
+    out = calibrate(restore, clean, "noise", [0.1, 0.2, 0.3, 0.4, 0.5], degraded=degraded)
+    assert set(out) == {"T0"} and out["T0"] == pytest.approx(0.3)
