@@ -16,11 +16,14 @@ size, PSNR and SSIM (mean and 95% interval, mean +- 1.96 std / sqrt(n)) of:
   shipped prompt          weights/tiny/prompts/<degradation>.safetensors, exactly as `python sample.py` runs it
                           (its bridge from the file, its T0 or, with a T0 curve, --t0 auto per image; 20 steps,
                           64 px tiles blended); "no prompt" uses the same T0s
-  --prompt NAME=FILE      any other prompt files (a T0 sweep, the baseline bridges), sampled the same way
+  --prompt NAME=FILE      any other prompt files (a T0 sweep, the baseline bridges), sampled the same way, each
+                          scored on the degradation its file was trained for
 Paired differences (same images, same sampler noise): every row minus the shipped prompt. The targets table reads
-the issue's noise targets off them: shipped prompt - Gaussian filter >= 1 dB, shipped prompt - BM3D >= -2 dB.
+the issue's noise targets off them: shipped prompt - Gaussian filter >= 1 dB, shipped prompt - BM3D >= -2 dB. The
+bridges table (the paper's bridge comparison) pairs every fixed-T0 EBR prompt with each naive or DDBM prompt of the
+same degradation and T0: EBR - baseline.
 Outputs in --out: results.md, results.json, grid-<degradation>-<level>.png (input | best classical | BM3D (noise;
-else no prompt) | no prompt | shipped prompt | clean; the first 4 crops of the smallest size).
+else no prompt) | no prompt | the --prompt rows | shipped prompt | clean; the first 4 crops of the smallest size).
 """
 import argparse
 import datetime
@@ -89,6 +92,17 @@ def parse_args(argv=None):
     return args
 
 
+def load_prompts(args, backbone):
+    """--prompt NAME=FILE entries -> (name, path, PromptBank); each is scored on its file's degradation."""
+    banks = [(name, path, load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks))
+             for name, path in args.prompt]
+    for name, path, bank in banks:
+        if bank.meta.get("degradation") not in args.degradations:
+            raise UserError(f"--prompt {name}={path}: trained for {bank.meta.get('degradation')!r}, which is not "
+                            f"in --degradations {','.join(args.degradations)}")
+    return banks
+
+
 def held_out(photos, base, n, size, degradation, level):
     """n crops [n, 3, size, size] and their degraded versions, each a function of (base, size, i) only."""
     clean = torch.stack([photos.crop(np.random.default_rng([base, size, i]), size) for i in range(n)])
@@ -133,18 +147,27 @@ def evaluate(args, backbone, degradation, level, size, n, val_photos, test_photo
     T0 = f"T0 {bridge.T0:g}" if T0s is None else f"auto T0 {np.mean(T0s):.2f} ± {np.std(T0s):.2f}"
     methods.append((f"no prompt ({T0})", none, "frozen model, EBR sampler"))
     methods.append((f"shipped prompt ({bridge.kind}, {T0})", restored, "what sample.py runs"))
-    for name, path in args.prompt:
-        bank = load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks)
+    learned = [] if T0s is not None else [(bridge.kind, bridge.T0, len(methods) - 1)]  # fixed-T0 prompts
+    for name, path, bank in args.prompt:
+        if bank.meta.get("degradation") != degradation:
+            continue  # a prompt is scored on the degradation it was trained for
         b = prompt_bridge(bank)
         methods.append((f"{name} ({b.kind}, T0 {b.T0:g})", restore_set(backbone, bank, b, degraded, args.sample_steps),
                         str(path)))
+        learned.append((b.kind, b.T0, len(methods) - 1))
     ref = psnr(restored, clean)
-    rows = []
-    for method, x, note in methods:
-        p = psnr(x, clean)
+    rows, scores = [], [psnr(x, clean) for _, x, _ in methods]
+    for (method, x, note), p in zip(methods, scores):
         rows.append(dict(degradation=degradation, level=label(level), size=size, n=n, method=method,
                          psnr=interval(p), ssim=interval(ssim(x, clean)), dpsnr=interval(p - ref), note=note))
-    return rows, [degraded, methods[1][1], methods[2][1], none, restored, clean]  # [2]: BM3D if run, else none
+    # The paper's bridge comparison (its Table 5): EBR minus each baseline bridge at the same T0, paired.
+    bridges = [dict(degradation=degradation, level=label(level), size=size, n=n, T0=T0, baseline=kind,
+                    ebr=methods[i][0], other=methods[j][0], dpsnr=interval(scores[i] - scores[j]))
+               for ebr_kind, T0, i in learned if ebr_kind == "ebr"
+               for kind, T, j in learned if kind != "ebr" and T == T0]
+    grid = [degraded, methods[1][1], methods[2][1], none, *(methods[j][1] for _, _, j in learned[int(T0s is None):]),
+            restored, clean]  # [2]: BM3D if run, else no prompt; then the other learned prompts
+    return rows, bridges, grid
 
 
 def table(rows):
@@ -177,6 +200,20 @@ def targets(rows):
     return "\n".join(lines)
 
 
+def bridge_table(bridges):
+    """EBR - naive and EBR - DDBM at the same T0 (paired PSNR differences); empty without baseline prompts."""
+    if not bridges:
+        return ""
+    lines = ["| degradation | size | T0 | EBR prompt | baseline prompt | EBR - baseline, PSNR (dB) | EBR ahead? |",
+             "|---|---|---|---|---|---|---|"]
+    for r in bridges:
+        mean, half = r["dpsnr"]
+        verdict = "yes" if mean - half > 0 else "no" if mean + half < 0 else "tie (interval spans 0)"
+        lines.append(f"| {r['degradation']} {r['level']} | {r['size']} (n {r['n']}) | {r['T0']:g} | {r['ebr']} | "
+                     f"{r['other']} | {mean:+.2f} ± {half:.2f} | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     command = ("python benchmarks/photos.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     args = parse_args(argv)
@@ -186,22 +223,23 @@ def main(argv=None):
     val_photos, test_photos = PhotoCrops("val"), PhotoCrops(args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    args.prompt = load_prompts(args, backbone)
+    rows, bridges = [], []
     for degradation in args.degradations:
         for level in LEVELS[degradation]:
             for size, n in zip(args.sizes, args.images):
                 print(f"== {degradation} {label(level)}, {n} crops of {size} px", flush=True)
-                r, columns = evaluate(args, backbone, degradation, level, size, n, val_photos, test_photos)
-                rows += r
+                r, b, columns = evaluate(args, backbone, degradation, level, size, n, val_photos, test_photos)
+                rows, bridges = rows + r, bridges + b
                 if size == min(args.sizes):
                     save_grid(columns, out / f"grid-{degradation}-{label(level).replace(' ', '')}.png")
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     md = "\n".join([f"# The tiny default on held-out photographs", "", f"Command: `{command}`", "",
                     f"Date: {when}; device: {args.device}, {torch.get_num_threads()} threads; total "
                     f"{time.time() - start:.0f} s. Scored on the {args.split} photographs: {', '.join(test_photos.names)}.", "",
-                    table(rows), "", targets(rows), ""])
+                    table(rows), "", targets(rows), "", bridge_table(bridges), ""])
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(dict(command=command, rows=rows), indent=1))
+    (out / "results.json").write_text(json.dumps(dict(command=command, rows=rows, bridges=bridges), indent=1))
     print("\n" + md)
     return 0
 
