@@ -17,27 +17,17 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minirestore import UserError
 from minirestore.cli import Help, run
 from minirestore.backbone import is_wan, load_backbone
-from minirestore.bridge import Bridge, averaged
+from minirestore.bridge import Bridge
 from minirestore.data import list_images, load_image, save_image
 from minirestore.distributed import barrier, close, init
 from minirestore.prompts import load_prompt
+from minirestore.restore import TINY_TILE, blend_weight, default_prompt, restore, tile_starts  # noqa: F401 (benchmarks import them from here)
 from minirestore.strength import auto_T0
-from minirestore.video import VIDEO_SUFFIXES, read_video, to_4k1, write_video
-
-
-TINY_TILE = 64  # the tiny default's pre-training size
-
-
-def default_prompt(model, degradation):
-    """Your own trained prompt if there is one, else the one shipped for the model."""
-    user = Path("weights") / f"{model}-{degradation}.safetensors"
-    shipped = Path(__file__).resolve().parent / "weights" / model / "prompts" / f"{degradation}.safetensors"
-    return user if user.exists() or not shipped.exists() else shipped
+from minirestore.video import VIDEO_SUFFIXES, read_video, write_video
 
 
 def t0_arg(text):
@@ -101,55 +91,6 @@ def collect(inputs, clips):
 def read(kind, src):
     """-> (tensor, info): an image [3, H, W] with its mode, or a clip [T, 3, H, W] with its fps."""
     return load_image(src) if kind == "image" else read_video(src)
-
-
-def tile_starts(size, tile, overlap):
-    """Starts of tiles of length `tile` covering [0, size) with at least `overlap` shared pixels."""
-    if size <= tile:
-        return [0]
-    n = 1 + -(-(size - tile) // (tile - overlap))  # ceil
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
-
-
-def blend_weight(h, w, overlap):
-    """A tile's weight in the blend: 1 inside, ramping linearly to small values over `overlap` pixels."""
-    ramp = lambda n: torch.minimum(torch.arange(n) + 1.0, torch.arange(n, 0, -1.0)).clamp(max=overlap + 1)  # noqa: E731
-    return (ramp(h)[:, None] * ramp(w)[None, :]) / (overlap + 1) ** 2
-
-
-def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch=32):
-    """x: an image [3, H, W] or a clip [T, 3, H, W] in [0, 1] -> restored, same shape.
-
-    Pad the sides to the backbone's multiple (and a clip to 4k+1 frames), sample, crop back. tile > 0
-    restores overlapping tiles of that size (the tiny default was pre-trained at 64 x 64: RoPE positions
-    beyond its training range are a known failure) and blends them with linear ramps."""
-    clip = x.dim() == 4
-    H, W = x.shape[-2:]
-    if clip:
-        T = x.shape[0]
-        x = to_4k1(x).permute(1, 0, 2, 3)  # [3, T', H, W]
-    m = backbone.multiple
-    pad = (0, (-W) % m, 0, (-H) % m) + ((0, 0) if clip else ())  # replicate-pad the sides (not the frames)
-    x = F.pad(x[None], pad, mode="replicate")
-    g = torch.Generator().manual_seed(seed)
-    fns = [lambda x_, tau, bank=bank: backbone.velocity(x_, tau, bank) for bank in prompts]
-    velocity = averaged(fns)
-    if not tile or clip:
-        out = backbone.decode(bridge.sample(velocity, backbone.encode(x), steps, generator=g))[0, ..., :H, :W].cpu()
-        return out.permute(1, 0, 2, 3)[:T] if clip else out
-    Hp, Wp = x.shape[-2:]
-    th, tw = min(tile, Hp), min(tile, Wp)
-    boxes = [(i, j) for i in tile_starts(Hp, th, overlap) for j in tile_starts(Wp, tw, overlap)]
-    out, weight = torch.zeros(3, Hp, Wp), torch.zeros(1, Hp, Wp)
-    w = blend_weight(th, tw, overlap)
-    for k in range(0, len(boxes), batch):  # tiles in batches: bounded memory on any image size
-        chunk = boxes[k:k + batch]
-        tiles = torch.cat([x[..., i:i + th, j:j + tw] for i, j in chunk])
-        restored = backbone.decode(bridge.sample(velocity, backbone.encode(tiles), steps, generator=g)).cpu()
-        for (i, j), r in zip(chunk, restored):
-            out[:, i:i + th, j:j + tw] += w * r
-            weight[:, i:i + th, j:j + tw] += w
-    return (out / weight)[:, :H, :W]
 
 
 def main(argv=None):
