@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import UserError, protocol
 from .bridge import averaged
 from .video import to_4k1
 
@@ -37,12 +38,16 @@ def blend_weight(h, w, overlap):
     return (ramp(h)[:, None] * ramp(w)[None, :]) / (overlap + 1) ** 2
 
 
-def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch=32):
+def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch=32, ypt=None):
     """x: an image [3, H, W] or a clip [T, 3, H, W] in [0, 1] -> restored, same shape.
 
     Pad the sides to the backbone's multiple (and a clip to 4k+1 frames), sample, crop back. tile > 0
     restores overlapping tiles of that size (the tiny default was pre-trained at 64 x 64: RoPE positions
-    beyond its training range are a known failure) and blends them with linear ramps."""
+    beyond its training range are a known failure) and blends them with linear ramps.
+
+    ypt: a protocol.PosteriorStream to restore as the released code does (protocol.py): latents drawn
+    from the posterior with its generator, the model fed the nearest scheduler timestep, the start noise
+    from a device generator seeded 42 (instead of a CPU one seeded `seed`); no tiles. The caller resizes."""
     clip = x.dim() == 4
     H, W = x.shape[-2:]
     if clip:
@@ -51,11 +56,13 @@ def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch
     m = backbone.multiple
     pad = (0, (-W) % m, 0, (-H) % m) + ((0, 0) if clip else ())  # replicate-pad the sides (not the frames)
     x = F.pad(x[None], pad, mode="replicate")
-    g = torch.Generator().manual_seed(seed)
-    fns = [lambda x_, tau, bank=bank: backbone.velocity(x_, tau, bank) for bank in prompts]
+    g = torch.Generator().manual_seed(seed) if ypt is None else protocol.start_generator(backbone.device)
+    model_time = (lambda tau: tau) if ypt is None else (lambda tau: protocol.scheduler_time(backbone.kind, tau))  # noqa: E731
+    fns = [lambda x_, tau, bank=bank: backbone.velocity(x_, model_time(tau), bank) for bank in prompts]
     velocity = averaged(fns)
-    if not tile or clip:
-        out = backbone.decode(bridge.sample(velocity, backbone.encode(x), steps, generator=g))[0, ..., :H, :W].cpu()
+    if not tile or clip or ypt is not None:
+        Y = backbone.encode(x, generator=None if ypt is None else ypt.generator)
+        out = backbone.decode(bridge.sample(velocity, Y, steps, generator=g))[0, ..., :H, :W].cpu()
         return out.permute(1, 0, 2, 3)[:T] if clip else out
     Hp, Wp = x.shape[-2:]
     th, tw = min(tile, Hp), min(tile, Wp)
@@ -70,3 +77,39 @@ def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch
             out[:, i:i + th, j:j + tw] += w * r
             weight[:, i:i + th, j:j + tw] += w
     return (out / weight)[:, :H, :W]
+
+
+def load_prompts(backbone, files):
+    """Prompt files -> PromptBanks on the backbone's device, each checked against it (name, K, D, blocks)."""
+    from .prompts import load_prompt
+
+    return [load_prompt(f, backbone=backbone.name, K=backbone.K, D=backbone.D, n_blocks=backbone.n_blocks)
+            .to(backbone.device) for f in files]
+
+
+def bridge_for(prompts, t0=None, source=""):
+    """(bridge, auto) for a set of prompts: their bridge at T0 = t0, else the first prompt's own T0.
+    auto: choose T0 per input (t0 "auto", the default for a prompt trained over a T0 range with a curve)."""
+    from .bridge import Bridge
+
+    kinds = {b.meta.get("bridge", "ebr") for b in prompts}
+    if len(kinds) > 1:
+        raise UserError(f"the prompts were trained with different bridges ({', '.join(sorted(kinds))}); mix only one kind")
+    meta = prompts[0].meta  # with several prompts, the first one's T0 (or T0 curve) is used
+    T0 = t0 if t0 not in (None, "auto") else float(meta.get("T0", 0.4))
+    bridge = Bridge(kinds.pop(), T0, float(meta.get("t_min", 1e-4)), sigma=float(meta.get("ddbm_sigma", 1.0)))
+    auto = t0 == "auto" or (t0 is None and "T0_curve" in meta)
+    if auto and "T0_curve" not in meta:
+        print(f"--t0 auto: {source} has no T0 curve (trained at one T0), so its own T0 {T0:g} is used")
+        auto = False
+    return bridge, auto
+
+
+def at_input(bridge, auto, meta, x):
+    """(bridge, note) for one input: adaptive T0 from its estimated strength through the prompt's curve."""
+    if not auto:
+        return bridge, f"T0 {bridge.T0:g}"
+    from .strength import auto_T0
+
+    T0, strength = auto_T0(meta, x)
+    return bridge.at(T0), f"estimated {meta['degradation']} strength {strength:.4f} -> T0 {T0:.3f}"
