@@ -190,6 +190,15 @@ def table(rows, order, metrics, skipped, settings):
     return "\n".join(lines).rstrip() + "\n", {"settings": settings, "datasets": out, "skipped": skipped}
 
 
+def drop_partial_line(path):
+    """A crash can cut the last row in half: cut it off, so that new rows start on a line of their own."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
 def write_atomic(path, text):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -206,6 +215,14 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or (("fp16" if ypt else "bf16") if args.device.startswith("cuda") else "fp32")]
     items = collect(args.sources, args.root, args.degradation)
+    out = Path(args.out)
+    settings = {"model": str(args.model), "protocol": args.protocol, "steps": args.steps, "t0": args.t0, "seed": args.seed,
+                "frames": args.frames, "tile": args.tile, "dtype": str(dtype).split(".")[-1],
+                "metrics": args.metrics, "y": args.y}
+    old = json.loads((out / "settings.json").read_text()) if (out / "settings.json").exists() else None
+    if old is not None and old != settings:  # a resume must score the rest as the rows it keeps were scored
+        diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
+        raise UserError(f"{out} holds rows scored with other settings ({diff}): pass another --out, or the same flags")
     backbone = load_backbone(args.model, args.device, dtype)
     if backbone.kind == "flux" and any(it.clip for it in items):
         raise UserError(f"{backbone.name} restores images; the video lists need a Wan backbone (--model wan2.1-t2v-1.3b)")
@@ -214,17 +231,9 @@ def main(argv=None):
     for fs in dict.fromkeys(files.values()):
         prompts = load_prompts(backbone, fs)
         sets[fs] = (prompts, *bridge_for(prompts, 0.4 if ypt and args.t0 is None else args.t0, fs[0]))
-
-    out = Path(args.out)
-    settings = {"model": backbone.name, "protocol": args.protocol, "steps": args.steps, "t0": args.t0, "seed": args.seed,
-                "frames": args.frames, "tile": args.tile, "dtype": str(dtype).split(".")[-1]}
-    if world.main:
+    if world.main:  # everything checked: now the output folder
         out.mkdir(parents=True, exist_ok=True)
-        old = json.loads((out / "settings.json").read_text()) if (out / "settings.json").exists() else None
-        if old is not None and old != settings:
-            diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
-            raise UserError(f"{out} holds rows scored with other settings ({diff}): pass another --out, or the same flags")
-        (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+        write_atomic(out / "settings.json", json.dumps(settings, indent=1) + "\n")
     barrier(world)
     done = read_rows(out)
     todo = [it for it in items if (it.dataset, it.key) not in done]
@@ -250,6 +259,7 @@ def main(argv=None):
     rows_file = out / ("rows.jsonl" if world.rank == 0 else f"rows.rank{world.rank}.jsonl")
     bar = tqdm(total=len(mine), desc="evaluating", unit="item", disable=not world.main)
     means = {}
+    drop_partial_line(rows_file)
     with open(rows_file, "a") as log:
         for it in items:
             if (it.dataset, it.key) not in mine:
