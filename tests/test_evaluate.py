@@ -3,6 +3,7 @@ equal the project's metrics on the saved outputs, resume, prompts per degradatio
 import json
 import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,22 @@ def test_official_flux_prompt_imports_bit_exactly(tmp_path):
     assert bank.meta["backbone"] == "flux-dev" and bank.meta["degradation"] == "haze" and bank.meta["T0"] == "0.4"
     with pytest.raises(UserError, match="prompt length K is 512 tokens, the backbone's text context is 226"):
         load_prompt(tmp_path / "haze.safetensors", K=226)
+
+
+def test_two_processes_score_like_one(backbone_dir, images_dir, tmp_path):
+    """torchrun: each rank restores its share and writes its own rows; rank 0 writes the table once."""
+    import os
+    import subprocess
+
+    pairs = make_pairs(images_dir, tmp_path / "pairs", count=3)
+    prompt = make_prompt(backbone_dir, tmp_path / "p.safetensors")
+    tables = {}
+    for n in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else [sys.executable]
+        r = subprocess.run([*launcher, "-m", "minirestore.evaluate", str(pairs), "--model", str(backbone_dir), "--prompt",
+                            str(prompt), "--out", str(tmp_path / f"e{n}"), *FAST], capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1])
+        assert r.returncode == 0, r.stderr
+        tables[n] = json.loads((tmp_path / f"e{n}" / "table.json").read_text())["datasets"]
+    assert sorted(p.name for p in (tmp_path / "e2").glob("rows*.jsonl")) == ["rows.jsonl", "rows.rank1.jsonl"]
+    assert tables[1] == tables[2]
