@@ -8,7 +8,8 @@ of `ae.safetensors`: `encoder.down.{i}.block.{j}.conv1`, `decoder.up.{i}.upsampl
     decode: z -> z / scale_factor + shift_factor -> decoder -> x in (about) [-1, 1]
 
 The reference's `DiagonalGaussian(sample=False)` returns the posterior mean, so encoding is
-deterministic; there is no quant_conv / post_quant_conv.
+deterministic; there is no quant_conv / post_quant_conv. `encode(x, sample=True)` draws from the posterior
+instead, mean + exp(logvar / 2) * n (diffusers `latent_dist.sample()`, which YPT's released inference uses).
 """
 from dataclasses import dataclass, field
 
@@ -188,13 +189,18 @@ class AutoEncoder(nn.Module):
     def downsample_factor(self):
         return 2 ** (len(self.config.ch_mult) - 1)
 
-    def encode(self, x):
-        """x: [B, in_channels, H, W] in [-1, 1], H and W multiples of 8 (FLUX) -> z: [B, z_channels, H/8, W/8]."""
+    def encode(self, x, sample=False, generator=None):
+        """x: [B, in_channels, H, W] in [-1, 1], H and W multiples of 8 (FLUX) -> z: [B, z_channels, H/8, W/8].
+        sample=True: a posterior draw with `generator` instead of the mean."""
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"the autoencoder needs image sizes that are multiples of {f}, "
                              f"got {x.shape[-2]}x{x.shape[-1]}: crop or pad the image first")
-        mean = self.encoder(x)[:, : self.config.z_channels]  # DiagonalGaussian(sample=False): the mean
+        moments = self.encoder(x)
+        mean = moments[:, : self.config.z_channels]  # DiagonalGaussian(sample=False): the mean
+        if sample:  # diffusers clamps logvar to [-30, 20]
+            std = torch.exp(0.5 * moments[:, self.config.z_channels:].float().clamp(-30.0, 20.0))
+            mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.config.scale_factor * (mean - self.config.shift_factor)
 
     def decode(self, z):
