@@ -1,6 +1,7 @@
 """Restore images with a learned prompt on a frozen diffusion backbone (arXiv 2604.04924).
 
     python sample.py input.png                      -> input_restored.png beside it
+    python sample.py noisy.jpg --out clean.png      -> clean.png (one input, --out with an image suffix: the file)
     python sample.py photos/ --prompt haze.safetensors --prompt snow.safetensors --out restored/
     python sample.py clip.mp4 --model wan2.1-t2v-1.3b --prompt wan_haze.safetensors   -> clip_restored.mp4
 
@@ -9,9 +10,11 @@ to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampl
 default). A prompt trained over a T0 range (train.py --t0 0.05:0.8) picks T0 per input (--t0 auto, its
 default): the degradation's strength is estimated from the input and mapped through the prompt's measured
 curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
-step. Outputs keep the input's size and mode and never overwrite an input. With a Wan backbone a
-video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps kept);
-with FLUX a folder is a set of images.
+step. Outputs keep the input's size and mode (data.py's table: CMYK stays CMYK, a palette becomes RGB)
+and never overwrite an input; each is written atomically (a temporary file, then a rename). With a Wan
+backbone a video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps
+kept), and so is an animated image (GIF, APNG, WebP); with FLUX a folder is a set of images and an
+animated image has every frame restored on its own. Either way it comes back animated, frame timing kept.
 """
 import argparse
 from pathlib import Path
@@ -20,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from minirestore import UserError
-from minirestore.cli import Help, run
+from minirestore.cli import Help, run, writable_folder
 from minirestore.backbone import is_wan, load_backbone
 from minirestore.bridge import Bridge, averaged
-from minirestore.data import list_images, load_image, save_image
+from minirestore.data import (ANIMATED_FORMATS, IMAGE_EXTS, frame_count, image_format, list_images, load_frames,
+                              load_image, save_frames, save_image)
 from minirestore.distributed import barrier, close, init
 from minirestore.prompts import load_prompt
 from minirestore.strength import auto_T0
@@ -62,8 +66,10 @@ def parse_args(argv=None):
                    "degradation strength, on the curve stored in a prompt trained over a T0 range (default: auto for "
                    "such prompts, else the prompt's own T0)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (network evaluations per prompt)")
-    p.add_argument("--out", help="output folder (default: beside each input)")
-    p.add_argument("--suffix", default="_restored", help="added to each output's file name")
+    p.add_argument("--out", help="with one input and a name ending like an image (.png, .jpg, ...; for a clip "
+                   "like a video: .mp4, .mov, .webm): the output file, its folder created; otherwise the output "
+                   "folder, created if need be (default: beside each input, named with --suffix)")
+    p.add_argument("--suffix", default="_restored", help="added to each output's file name when --out is a folder")
     p.add_argument("--max-size", type=int, default=2048, help="refuse images whose longer side is larger")
     p.add_argument("--tile", type=int, help="restore in overlapping tiles of this size (default: 64 for tiny, off otherwise)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,14 +85,52 @@ def parse_args(argv=None):
 
 def output_path(src, out_dir, suffix):
     name = f"{src.name}{suffix}" if src.is_dir() else f"{src.stem}{suffix}{src.suffix}"  # frame folders too
-    dst = (Path(out_dir) if out_dir else src.parent) / name
-    if dst.resolve() == src.resolve():
-        raise UserError(f"{src}: the output would overwrite the input; pass another --out or --suffix")
-    return dst
+    return (Path(out_dir) if out_dir else src.parent) / name
+
+
+def is_file_name(out):
+    """--out names an output file (not a folder) when it ends like an image or a video."""
+    return out is not None and Path(out).suffix.lower() in IMAGE_EXTS + VIDEO_SUFFIXES
+
+
+def plan(jobs, out, suffix):
+    """[(kind, src)] -> [(kind, src, dst)]: --out as the one output file, or as the folder (beside each input
+    when None). Refuses what cannot be written, before any work: an output over an input, an output file for
+    several inputs or of the wrong kind, two outputs on one name, a place it cannot write in."""
+    if is_file_name(out):
+        out = Path(out)
+        if len(jobs) != 1:
+            raise UserError(f"--out {out} names one file but there are {len(jobs)} inputs: give a folder "
+                            "(a name without an image suffix) to write them all")
+        kind, src = jobs[0]
+        video_out = out.suffix.lower() in VIDEO_SUFFIXES
+        if kind == "clip" and not video_out:
+            raise UserError(f"--out {out}: {src} is a clip, so its output is a video ({'/'.join(VIDEO_SUFFIXES)}) "
+                            "or a folder of frames")
+        if kind != "clip" and video_out:
+            raise UserError(f"--out {out}: {src} is an image, so its output is an image file ({', '.join(IMAGE_EXTS)})")
+        planned = [(kind, src, out)]
+    else:
+        planned = [(kind, src, output_path(src, out, suffix)) for kind, src in jobs]
+    outputs = [dst.resolve() for *_, dst in planned]
+    if len(set(outputs)) < len(outputs):
+        raise UserError("two inputs would write the same output (same name in different folders): pass them separately")
+    inputs = {src.resolve() for _, src, _ in planned}
+    for _, src, dst in planned:
+        if dst.resolve() in inputs:
+            raise UserError(f"{src}: the output {dst} would overwrite an input; pass another --out or --suffix")
+    for kind, src, dst in planned:
+        if kind == "animation" and image_format(dst) not in ANIMATED_FORMATS:
+            raise UserError(f"{src} is animated and {dst} cannot hold frames: name the output .gif, .png (APNG), "
+                            ".webp or .tif")
+    for folder in sorted({dst.parent for *_, dst in planned}):
+        writable_folder(folder)
+    return planned
 
 
 def collect(inputs, clips):
-    """Inputs -> [(kind, path)]: video files are clips; folders are clips when `clips`, else sets of images."""
+    """Inputs -> [(kind, path)]: video files are clips; folders are clips when `clips`, else sets of images;
+    an image file with several frames is an animation."""
     jobs = []
     for src in map(Path, inputs):
         if src.suffix.lower() in VIDEO_SUFFIXES or (clips and src.is_dir()):
@@ -94,13 +138,14 @@ def collect(inputs, clips):
                 raise UserError(f"{src}: no such file or folder")
             jobs.append(("clip", src))
         else:
-            jobs += [("image", f) for f in list_images(src)]
+            jobs += [("animation" if frame_count(f) > 1 else "image", f) for f in list_images(src)]
     return jobs
 
 
 def read(kind, src):
-    """-> (tensor, info): an image [3, H, W] with its mode, or a clip [T, 3, H, W] with its fps."""
-    return load_image(src) if kind == "image" else read_video(src)
+    """-> (tensor, info): an image [3, H, W] with its mode, a clip [T, 3, H, W] with its fps, or an animated
+    image's frames [T, 3, H, W] with their durations."""
+    return {"image": load_image, "clip": read_video, "animation": load_frames}[kind](src)
 
 
 def tile_starts(size, tile, overlap):
@@ -158,13 +203,7 @@ def main(argv=None):
     args.device = world.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [(kind, src, output_path(src, args.out, args.suffix))
-            for kind, src in collect(args.inputs, args.video or is_wan(args.model))]
-    outputs = [dst for *_, dst in jobs]
-    if len(set(outputs)) < len(outputs):
-        raise UserError("two inputs would write the same output (same name in different folders): pass them separately")
+    jobs = plan(collect(args.inputs, args.video or is_wan(args.model)), args.out, args.suffix)
     for kind, src, _ in jobs:  # refuse bad inputs before any work, so nothing is half done
         x, _ = read(kind, src)
         if max(x.shape[-2:]) > args.max_size:
@@ -198,9 +237,16 @@ def main(argv=None):
         if auto:  # adaptive T0: this input's estimated strength, through the prompt's measured curve
             T0, strength = auto_T0(meta, x)
             b, note = bridge.at(T0), f"estimated {meta['degradation']} strength {strength:.4f} -> T0 {T0:.3f}"
-        restored = restore(backbone, prompts, b, x, args.steps, args.seed, tile=tile)
+        if kind == "animation" and backbone.kind == "flux":  # an image model: each frame on its own
+            print(f"{src}: {len(x)} frames, each restored as an image")
+            restored = torch.stack([restore(backbone, prompts, b, frame, args.steps, args.seed, tile=tile)
+                                    for frame in tqdm(x, desc="frames", unit="frame", leave=False)])
+        else:  # an image, or a clip (a video, a frame folder or, with Wan, an animated image)
+            restored = restore(backbone, prompts, b, x, args.steps, args.seed, tile=tile)
         if kind == "image":
             save_image(restored, dst, info)
+        elif kind == "animation":
+            save_frames(restored, dst, info)
         else:
             write_video(restored, dst, fps=info)
         print(f"{src} -> {dst} ({note})")
