@@ -181,6 +181,7 @@ def load_frames(path):
         with _open(path) as im:
             info = {"size": im.size, "loop": im.info.get("loop", 0), "mode": "RGB"}
             for frame in ImageSequence.Iterator(im):
+                frame.load()  # WebP sets a frame's duration only once it is decoded
                 durations.append(frame.info.get("duration", 100))
                 rgb = np.asarray(frame.convert("RGB"), dtype=np.float32) / 255
                 frames.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1))
@@ -236,6 +237,24 @@ def list_images(sources):
             raise UserError(f"{src}: no such file or folder")
     if not files:
         raise UserError("no input images given")
+    return files
+
+
+def usable(files, where):
+    """files, if every one opens as an image (headers only: quick); else a UserError naming the bad ones, so a
+    training run stops before any work instead of at the first batch that draws a broken file."""
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f):
+                pass
+        except READ_ERRORS as e:
+            bad.append(f"{Path(f).name} ({type(e).__name__})")
+    if bad:
+        what = ("none of its images is readable" if len(bad) == len(files)
+                else f"{len(bad)} of {len(files)} images are not readable")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserError(f"{where}: {what}: {', '.join(bad[:3])}{more}; remove or replace them")
     return files
 
 
@@ -298,7 +317,7 @@ class CleanFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder, degradation, resolution=512, train=True, seed=0):
-        self.files = list_images(folder)
+        self.files = usable(list_images(folder), folder)
         self.degradation = "+".join(parse(degradation))
         self.resolution, self.train, self.seed = resolution, train, seed
 
@@ -371,8 +390,8 @@ class PairedFolder(torch.utils.data.Dataset):
             if not (folder / sub).is_dir():
                 raise UserError(f"{folder}: a paired dataset needs the subfolders clean/ and degraded/ "
                                 f"({sub}/ is missing)")
-        clean = {p.stem: p for p in list_images(folder / "clean")}
-        degraded = {p.stem: p for p in list_images(folder / "degraded")}
+        clean = {p.stem: p for p in usable(list_images(folder / "clean"), folder / "clean")}
+        degraded = {p.stem: p for p in usable(list_images(folder / "degraded"), folder / "degraded")}
         lonely = sorted(set(clean) ^ set(degraded))
         if lonely:
             names = [str(clean.get(s) or degraded.get(s)) for s in lonely]
