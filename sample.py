@@ -197,6 +197,25 @@ def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch
     return (out / weight)[:, :H, :W]
 
 
+def prepare(backbone, prompt_files, t0=None):
+    """Prompt files -> (prompts on the backbone's device, the bridge, auto): one bridge kind for all, T0 from
+    `t0` (a number, "auto", or None: auto for a prompt with a T0 curve, else its own T0). With several
+    prompts (a mix) the first one's T0 or T0 curve is used. Shared with the restoration page (demo.py)."""
+    prompts = [load_prompt(f, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks).to(backbone.device)
+               for f in prompt_files]
+    kinds = {b.meta.get("bridge", "ebr") for b in prompts}
+    if len(kinds) > 1:
+        raise UserError(f"the prompts were trained with different bridges ({', '.join(sorted(kinds))}); mix only one kind")
+    meta = prompts[0].meta
+    T0 = t0 if t0 not in (None, "auto") else float(meta.get("T0", 0.4))
+    bridge = Bridge(kinds.pop(), T0, float(meta.get("t_min", 1e-4)), sigma=float(meta.get("ddbm_sigma", 1.0)))
+    auto = t0 == "auto" or (t0 is None and "T0_curve" in meta)
+    if auto and "T0_curve" not in meta:
+        print(f"--t0 auto: {prompt_files[0]} has no T0 curve (trained at one T0), so its own T0 {T0:g} is used")
+        auto = False
+    return prompts, bridge, auto
+
+
 def main(argv=None):
     args = parse_args(argv)
     world = init(args.device)  # under torchrun each process restores its share of the inputs
@@ -212,18 +231,8 @@ def main(argv=None):
 
     backbone = load_backbone(args.model, args.device, dtype)
     prompt_files = args.prompt or [default_prompt(backbone.name, args.degradation)]
-    prompts = [load_prompt(f, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks).to(backbone.device)
-               for f in prompt_files]
-    kinds = {b.meta.get("bridge", "ebr") for b in prompts}
-    if len(kinds) > 1:
-        raise UserError(f"the prompts were trained with different bridges ({', '.join(sorted(kinds))}); mix only one kind")
-    meta = prompts[0].meta  # with several prompts, the first one's T0 (or T0 curve) is used
-    T0 = args.t0 if args.t0 not in (None, "auto") else float(meta.get("T0", 0.4))
-    bridge = Bridge(kinds.pop(), T0, float(meta.get("t_min", 1e-4)), sigma=float(meta.get("ddbm_sigma", 1.0)))
-    auto = args.t0 == "auto" or (args.t0 is None and "T0_curve" in meta)
-    if auto and "T0_curve" not in meta:
-        print(f"--t0 auto: {prompt_files[0]} has no T0 curve (trained at one T0), so its own T0 {T0:g} is used")
-        auto = False
+    prompts, bridge, auto = prepare(backbone, prompt_files, args.t0)
+    meta = prompts[0].meta
 
     from tqdm.auto import tqdm
 
