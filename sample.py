@@ -1,6 +1,7 @@
 """Restore images with a learned prompt on a frozen diffusion backbone (arXiv 2604.04924).
 
     python sample.py input.png                      -> input_restored.png beside it
+    python sample.py noisy.jpg --out clean.png      -> clean.png (one input, --out with an image suffix: the file)
     python sample.py photos/ --prompt haze.safetensors --prompt snow.safetensors --out restored/
     python sample.py clip.mp4 --model wan2.1-t2v-1.3b --prompt wan_haze.safetensors   -> clip_restored.mp4
 
@@ -9,22 +10,25 @@ to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampl
 default; on the tiny default the mean of 4 samples of 5 steps, the same cost). A prompt trained over a T0 range (train.py --t0 0.05:0.8) picks T0 per input (--t0 auto, its
 default): the degradation's strength is estimated from the input and mapped through the prompt's measured
 curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
-step. Outputs keep the input's size and mode and never overwrite an input. With a Wan backbone a
-video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps kept);
-with FLUX a folder is a set of images. --protocol ypt restores as the released code does (resized to
-1024x1024 or 480x832, posterior sample, scheduler timesteps, noise seed 42, truncated JPEG; protocol.py).
+step. Outputs keep the input's size and mode (data.py's table: CMYK stays CMYK, a palette becomes RGB)
+and never overwrite an input; each is written atomically (a temporary file, then a rename). With a Wan
+backbone a video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps
+kept), and so is an animated image (GIF, APNG, WebP); with FLUX a folder is a set of images and an
+animated image has every frame restored on its own. Either way it comes back animated, frame timing kept.
+--protocol ypt restores as the released code does (resized to 1024x1024 or 480x832, posterior sample,
+scheduler timesteps, noise seed 42, truncated JPEG; protocol.py).
 """
 import argparse
 from pathlib import Path
 
 import torch
 
-from minirestore import UserError
-from minirestore.cli import Help, run
+from minirestore import UserError, protocol
+from minirestore.cli import Help, run, writable_folder
 from minirestore.backbone import is_wan, load_backbone
-from minirestore.data import list_images, load_image, save_image
+from minirestore.data import (ANIMATED_FORMATS, IMAGE_EXTS, frame_count, image_format, list_images, load_frames,
+                              load_image, save_frames, save_image)
 from minirestore.distributed import barrier, close, init
-from minirestore import protocol
 from minirestore.restore import (TINY_TILE, at_input, blend_weight, bridge_for, default_prompt, load_prompts,  # noqa: F401
                                  restore, sampler_defaults, tile_starts)  # (benchmarks and tests import restore's names from here)
 from minirestore.video import VIDEO_SUFFIXES, read_video, write_video
@@ -56,8 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, help="average this many restorations from different start noises "
                    "(the posterior mean: higher PSNR, slightly smoother, samples x the time; default: 4 for tiny, "
                    "1 otherwise and with --protocol ypt)")
-    p.add_argument("--out", help="output folder (default: beside each input)")
-    p.add_argument("--suffix", default="_restored", help="added to each output's file name")
+    p.add_argument("--out", help="with one input and a name ending like an image (.png, .jpg, ...; for a clip "
+                   "like a video: .mp4, .mov, .webm): the output file, its folder created; otherwise the output "
+                   "folder, created if need be (default: beside each input, named with --suffix)")
+    p.add_argument("--suffix", default="_restored", help="added to each output's file name when --out is a folder")
     p.add_argument("--max-size", type=int, default=2048, help="refuse images whose longer side is larger")
     p.add_argument("--tile", type=int, help="restore in overlapping tiles of this size (default: 64 for tiny, off otherwise)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,14 +85,56 @@ def parse_args(argv=None):
 
 def output_path(src, out_dir, suffix, ext=None):
     name = f"{src.name}{suffix}" if src.is_dir() else f"{src.stem}{suffix}{ext or src.suffix}"  # frame folders too
-    dst = (Path(out_dir) if out_dir else src.parent) / name
-    if dst.resolve() == src.resolve():
-        raise UserError(f"{src}: the output would overwrite the input; pass another --out or --suffix")
-    return dst
+    return (Path(out_dir) if out_dir else src.parent) / name
+
+
+def is_file_name(out):
+    """--out names an output file (not a folder) when it ends like an image or a video."""
+    return out is not None and Path(out).suffix.lower() in IMAGE_EXTS + VIDEO_SUFFIXES
+
+
+def plan(jobs, out, suffix, ypt=False):
+    """[(kind, src)] -> [(kind, src, dst)]: --out as the one output file, or as the folder (beside each input
+    when None). Refuses what cannot be written, before any work: an output over an input, an output file for
+    several inputs or of the wrong kind, two outputs on one name, a place it cannot write in. ypt: images are
+    written as JPEG (.jpg), as the released code does."""
+    if is_file_name(out):
+        out = Path(out)
+        if len(jobs) != 1:
+            raise UserError(f"--out {out} names one file but there are {len(jobs)} inputs: give a folder "
+                            "(a name without an image suffix) to write them all")
+        kind, src = jobs[0]
+        video_out = out.suffix.lower() in VIDEO_SUFFIXES
+        if kind == "clip" and not video_out:
+            raise UserError(f"--out {out}: {src} is a clip, so its output is a video ({'/'.join(VIDEO_SUFFIXES)}) "
+                            "or a folder of frames")
+        if kind != "clip" and video_out:
+            raise UserError(f"--out {out}: {src} is an image, so its output is an image file ({', '.join(IMAGE_EXTS)})")
+        if ypt and kind == "image" and out.suffix.lower() not in (".jpg", ".jpeg"):
+            raise UserError(f"--out {out}: --protocol ypt writes JPEG, as the released code does: name it .jpg")
+        planned = [(kind, src, out)]
+    else:
+        planned = [(kind, src, output_path(src, out, suffix, ".jpg" if ypt and kind == "image" else None))
+                   for kind, src in jobs]
+    outputs = [dst.resolve() for *_, dst in planned]
+    if len(set(outputs)) < len(outputs):
+        raise UserError("two inputs would write the same output (same name in different folders): pass them separately")
+    inputs = {src.resolve() for _, src, _ in planned}
+    for _, src, dst in planned:
+        if dst.resolve() in inputs:
+            raise UserError(f"{src}: the output {dst} would overwrite an input; pass another --out or --suffix")
+    for kind, src, dst in planned:
+        if kind == "animation" and image_format(dst) not in ANIMATED_FORMATS:
+            raise UserError(f"{src} is animated and {dst} cannot hold frames: name the output .gif, .png (APNG), "
+                            ".webp or .tif")
+    for folder in sorted({dst.parent for *_, dst in planned}):
+        writable_folder(folder)
+    return planned
 
 
 def collect(inputs, clips):
-    """Inputs -> [(kind, path)]: video files are clips; folders are clips when `clips`, else sets of images."""
+    """Inputs -> [(kind, path)]: video files are clips; folders are clips when `clips`, else sets of images;
+    an image file with several frames is an animation."""
     jobs = []
     for src in map(Path, inputs):
         if src.suffix.lower() in VIDEO_SUFFIXES or (clips and src.is_dir()):
@@ -94,17 +142,20 @@ def collect(inputs, clips):
                 raise UserError(f"{src}: no such file or folder")
             jobs.append(("clip", src))
         else:
-            jobs += [("image", f) for f in list_images(src)]
+            jobs += [("animation" if frame_count(f) > 1 else "image", f) for f in list_images(src)]
     return jobs
 
 
 def read(kind, src, ypt_size=None):
-    """-> (tensor, info): an image [3, H, W] with its mode, or a clip [T, 3, H, W] with its fps. ypt_size (H, W):
-    resized as the released code loads inputs (protocol.py), a clip cut to its first 33 frames."""
+    """-> (tensor, info): an image [3, H, W] with its mode, a clip [T, 3, H, W] with its fps, or an animated
+    image's frames [T, 3, H, W] with their durations. ypt_size (H, W): resized as the released code loads
+    inputs (protocol.py), a clip cut to its first 33 frames."""
     if ypt_size is None:
-        return load_image(src) if kind == "image" else read_video(src)
+        return {"image": load_image, "clip": read_video, "animation": load_frames}[kind](src)
     if kind == "image":
         return protocol.load_resized(src, ypt_size), None
+    if kind == "animation":
+        raise UserError(f"{src} is an animated image: --protocol ypt restores images and videos; convert it to a video")
     clip, fps = read_video(src)
     return protocol.resize_frames(clip[:protocol.FRAMES], ypt_size), fps
 
@@ -116,15 +167,9 @@ def main(argv=None):
     ypt = args.protocol == "ypt"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or (("fp16" if ypt else "bf16") if args.device.startswith("cuda") else "fp32")]
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
     wan = is_wan(args.model)
     size = protocol.SIZES["wan" if wan else "flux"] if ypt else None
-    jobs = [(kind, src, output_path(src, args.out, args.suffix, ".jpg" if ypt and kind == "image" else None))
-            for kind, src in collect(args.inputs, args.video or wan)]
-    outputs = [dst for *_, dst in jobs]
-    if len(set(outputs)) < len(outputs):
-        raise UserError("two inputs would write the same output (same name in different folders): pass them separately")
+    jobs = plan(collect(args.inputs, args.video or wan), args.out, args.suffix, ypt)
     for kind, src, _ in jobs:  # refuse bad inputs before any work, so nothing is half done
         x, _ = read(kind, src, size)
         if max(x.shape[-2:]) > args.max_size:
@@ -149,9 +194,16 @@ def main(argv=None):
         b, note = at_input(bridge, auto, prompts[0].meta, x)
         # ypt: each input as the release's run_single.py restores it, the posterior stream fresh per run
         stream = protocol.PosteriorStream(backbone.device) if ypt else None
-        restored = restore(backbone, prompts, b, x, steps, args.seed, tile=tile, ypt=stream, samples=samples)
+        if kind == "animation" and backbone.kind == "flux":  # an image model: each frame on its own
+            print(f"{src}: {len(x)} frames, each restored as an image")
+            restored = torch.stack([restore(backbone, prompts, b, frame, steps, args.seed, tile=tile, samples=samples)
+                                    for frame in tqdm(x, desc="frames", unit="frame", leave=False)])
+        else:  # an image, or a clip (a video, a frame folder or, with Wan, an animated image)
+            restored = restore(backbone, prompts, b, x, steps, args.seed, tile=tile, ypt=stream, samples=samples)
         if kind == "image":
             save_image(restored, dst, info) if not ypt else protocol.save_jpeg(restored, dst)
+        elif kind == "animation":
+            save_frames(restored, dst, info)
         else:
             write_video(protocol.to_uint8(restored).float() / 255 if ypt else restored, dst, fps=info)
         print(f"{src} -> {dst} ({note})")

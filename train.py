@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from minirestore import UserError
-from minirestore.cli import Help, run
+from minirestore.cli import Help, run, writable_folder
 from minirestore.backbone import load_backbone
 from minirestore.bridge import KINDS, Bridge
 from minirestore.data import (CleanFolder, CleanPhotos, ClipFolder, PairedFolder, is_clip_folder, parse_resolution,
@@ -85,6 +85,11 @@ def parse_args(argv=None):
     for flag in ("steps", "batch_size", "val_count", "val_steps", "frames"):  # None: the backbone's default
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("lr", "t_min", "pow", "ddbm_sigma"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:  # `not >` also refuses nan
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.val_every is not None and args.val_every < 0:
+        raise UserError("--val-every must be 0 (validate only at the end) or more")
     return args
 
 
@@ -200,6 +205,11 @@ def main(argv=None):
     data = None if args.data is None else Path(args.data)
     if data is not None and not data.is_dir():
         raise UserError(f"--data {data}: no such folder")
+    if args.out is not None and Path(args.out).suffix != ".safetensors":
+        raise UserError(f"--out {args.out}: the prompt file's name ends in .safetensors")
+    for flag, where in (("--out", Path(args.out).parent if args.out else Path("weights")), ("--run-dir", args.run_dir)):
+        if where is not None and world.main:  # before any work: an unwritable place fails now, not after training
+            writable_folder(where, flag)
     backbone = load_backbone(args.model, args.device, dtype)
     defaults = DEFAULTS.get(backbone.name, DEFAULTS[backbone.kind])
     if data is None and backbone.name != "tiny":
@@ -246,7 +256,12 @@ def main(argv=None):
     if args.resume:
         if not ckpt_path.exists():
             raise UserError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-        state = torch.load(ckpt_path, map_location=args.device, weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location=args.device, weights_only=True)
+            state["prompt"], state["alpha"], state["optimizer"], state["step"]
+        except Exception as e:  # truncated, another format, or a pickle that wants to run code
+            raise UserError(f"--resume: {ckpt_path} is not a readable train.py checkpoint ({type(e).__name__}); "
+                            "delete it to start afresh, or pass another --run-dir") from None
         if tuple(state["prompt"].shape) != tuple(bank.prompt.shape):
             raise UserError(f"{ckpt_path} holds a prompt of shape {list(state['prompt'].shape)}, "
                             f"not {list(bank.prompt.shape)}: it is from another backbone")

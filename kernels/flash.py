@@ -303,15 +303,34 @@ def head_meta(D):
     return dict(BLOCK_D=block_d(D), EVEN_D=D == block_d(D))
 
 
+# Host side shared with prompted.py: buffers, scales and the launch over query tiles.
+
+def row_stats(q):
+    """An empty fp32 [B, H, Lq] buffer of per-row statistics (LSE)."""
+    return torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+
+
+def scales(q):
+    """(sm_scale, qk_scale): 1 / sqrt(D), and the same times log2 e for the kernels' exp2."""
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    return sm_scale, sm_scale * LOG2E
+
+
+def launch_rows(kernel, q, *args, **constexprs):
+    """Launch `kernel` with one program per (query tile, batch * head), in q's precision and with its
+    head-dim constexprs."""
+    B, H, Lq, D = q.shape
+    launch(kernel, rows_grid(Lq, B * H), *args, PRECISION=precision(q.dtype), **head_meta(D), **constexprs)
+
+
 def forward(q, k, v):
     """-> o [B, H, Lq, D] (q's dtype), lse [B, H, Lq] fp32 in log2 units."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    o = empty(q.shape, q, poison())
-    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    sm_scale = 1.0 / math.sqrt(D)
-    launch(_fwd_tuned, rows_grid(Lq, B * H), q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-           H, Lq, Lk, D, sm_scale * LOG2E, bucket(Lq), bucket(Lk), PRECISION=precision(q.dtype), **head_meta(D))
+    o, lse = empty(q.shape, q, poison()), row_stats(q)
+    _, qk_scale = scales(q)
+    launch_rows(_fwd_tuned, q, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                H, Lq, Lk, D, qk_scale, bucket(Lq), bucket(Lk))
     return o, lse
 
 
@@ -368,11 +387,10 @@ def backward_dkdv(q, k, v, do, lse, delta, do_scale=None):
 def backward_dq(q, k, v, do, lse, delta):
     B, H, Lq, D = q.shape
     dq = empty(q.shape, q, poison())
-    sm_scale = 1.0 / math.sqrt(D)
-    launch(_bwd_dq_tuned, rows_grid(Lq, B * H), q, k, v, do, lse, delta, dq,
-           *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-           H, Lq, k.shape[2], D, sm_scale * LOG2E, sm_scale, bucket(Lq), bucket(k.shape[2]),
-           PRECISION=precision(q.dtype), **head_meta(D))
+    sm_scale, qk_scale = scales(q)
+    launch_rows(_bwd_dq_tuned, q, q, k, v, do, lse, delta, dq,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                H, Lq, k.shape[2], D, qk_scale, sm_scale, bucket(Lq), bucket(k.shape[2]))
     return dq
 
 

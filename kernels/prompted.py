@@ -14,14 +14,13 @@ only when asked for (Wan's base context is constant: ctx.needs_input_grad skips 
 dQ = scale * (dS_b K + alpha * dS_p K_p) in one kernel that walks both key sets.
 o_p is written by the forward only when a gradient will be needed (sampling skips that write).
 """
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .flash import (LOG2E, _dq_inner, _fwd_inner, _load, _store, backward_dkdv, bucket, empty, head_meta, launch,
-                    poison, precision, preprocess, rows_grid, tuned)
+from .flash import (_dq_inner, _fwd_inner, _load, _store, backward_dkdv, bucket, empty, launch_rows, poison,
+                    preprocess, row_stats, scales, tuned)
 
 
 @triton.jit
@@ -117,13 +116,11 @@ class PromptedAttention(torch.autograd.Function):
         store_op = any(ctx.needs_input_grad)  # (forward runs under no_grad; this says whether backward will run)
         o = empty(q.shape, q, poison())
         o_p = empty(q.shape, q, poison()) if store_op else o  # dummy pointer when not stored
-        lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-        lse_p = torch.empty_like(lse)
-        sm_scale = 1.0 / math.sqrt(D)
-        launch(_prompted_fwd_tuned, rows_grid(Lq, B * H), q, k, v, k_p, v_p, a, o, o_p, lse, lse_p,
-               *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(), *o.stride(),
-               H, Lq, k.shape[2], k_p.shape[2], D, sm_scale * LOG2E, *keys(q, k, k_p),
-               STORE_OP=store_op, PRECISION=precision(q.dtype), **head_meta(D))
+        lse, lse_p = row_stats(q), row_stats(q)
+        _, qk_scale = scales(q)
+        launch_rows(_prompted_fwd_tuned, q, q, k, v, k_p, v_p, a, o, o_p, lse, lse_p,
+                    *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(), *o.stride(),
+                    H, Lq, k.shape[2], k_p.shape[2], D, qk_scale, *keys(q, k, k_p), STORE_OP=store_op)
         ctx.save_for_backward(q, k, v, k_p, v_p, a, o, o_p, lse, lse_p)
         ctx.alpha_like = (alpha.shape, alpha.dtype, alpha.device)
         return o
@@ -143,11 +140,10 @@ class PromptedAttention(torch.autograd.Function):
         dq = None
         if need_q:
             dq = empty(q.shape, q, poison())
-            sm_scale = 1.0 / math.sqrt(D)
-            launch(_prompted_bwd_dq_tuned, rows_grid(Lq, B * H), q, k, v, k_p, v_p, a, do, lse, lse_p, delta,
-                   delta_p, dq, *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(), *do.stride(),
-                   *dq.stride(), H, Lq, k.shape[2], k_p.shape[2], D, sm_scale * LOG2E, sm_scale, *keys(q, k, k_p),
-                   PRECISION=precision(q.dtype), **head_meta(D))
+            sm_scale, qk_scale = scales(q)
+            launch_rows(_prompted_bwd_dq_tuned, q, q, k, v, k_p, v_p, a, do, lse, lse_p, delta, delta_p, dq,
+                        *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(), *do.stride(),
+                        *dq.stride(), H, Lq, k.shape[2], k_p.shape[2], D, qk_scale, sm_scale, *keys(q, k, k_p))
         return (dq, dk if need_k else None, dv if need_v else None, dk_p if need_kp else None,
                 dv_p if need_vp else None, d_alpha)
 

@@ -2,6 +2,8 @@
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from . import UserError
 
@@ -23,3 +25,16 @@ def run(main):
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"error: {rank}{e}", file=sys.stderr)
         sys.exit(2)
+
+
+def writable_folder(folder, flag="--out"):
+    """Create `folder` (and its parents) and check that a file can be written in it, before any work:
+    an unwritable place is a one-line UserError now rather than a traceback after the work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write in {folder} ({e.strerror or e}): choose another {flag}") from None
+    return folder

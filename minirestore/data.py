@@ -4,7 +4,8 @@ Tensors are [3, H, W] float in [0, 1], RGB. `load_image` returns with the tensor
 `save_image` uses to write the result back in the input's mode:
 
     input                       tensor            written back as
-    RGB, CMYK, YCbCr, 1-bit     RGB               RGB (8 bit)
+    RGB, YCbCr, 1-bit           RGB               RGB (8 bit)
+    CMYK                        RGB               CMYK (with its ICC profile; RGB where the format has no CMYK)
     RGBA, LA, palette+alpha     RGB (alpha kept)  RGBA / LA with the input's alpha
     L                           grey in 3 chans   L (8 bit)
     I;16 / I (16-bit PNG)       grey / 65535      I;16 (16 bit)
@@ -12,7 +13,12 @@ Tensors are [3, H, W] float in [0, 1], RGB. `load_image` returns with the tensor
 
 JPEG EXIF orientation is applied on load (ImageOps.exif_transpose), so the tensor is upright and the
 output carries no orientation tag. A format that cannot hold the mode falls back to the nearest one it can
-(`FALLBACK`: a JPEG output drops alpha and 16 bits). 16-bit RGB PNGs are read by Pillow as 8-bit RGB.
+(`FALLBACK`: a JPEG output drops alpha and 16 bits, a PNG output turns CMYK into RGB and drops the CMYK
+profile). 16-bit RGB PNGs are read by Pillow as 8-bit RGB.
+
+Animated images (GIF, APNG, animated WebP, multi-page TIFF) are read by `load_frames` as [T, 3, H, W] RGB
+frames with each frame's duration, and written back by `save_frames` as an animation of the same timing
+(RGB frames: a GIF's palette and transparency are not kept, Pillow quantises the frames again).
 """
 import copy
 import os
@@ -22,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from . import UserError
 from .degrade import degrade, degrade_clip, parse
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -35,17 +41,35 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Image I/O
 # ---------------------------------------------------------------------------------------------
 
-def load_image(path):
-    """Read an image file -> (tensor [3, H, W] float32 in [0, 1], info). One-line UserError if it
-    is missing or not a readable image."""
+READ_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError)
+
+
+def _open(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
     try:
-        with Image.open(path) as im:
+        return Image.open(path)
+    except READ_ERRORS as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def frame_count(path):
+    """How many frames an image file holds (1 for a still image; an animated GIF/PNG/WebP or a multi-page TIFF
+    more). Reads the header only."""
+    with _open(path) as im:
+        return getattr(im, "n_frames", 1) if getattr(im, "is_animated", False) else 1
+
+
+def load_image(path):
+    """Read an image file -> (tensor [3, H, W] float32 in [0, 1], info). One-line UserError if it
+    is missing or not a readable image. Of an animated image, the first frame (see load_frames)."""
+    path = Path(path)
+    try:
+        with _open(path) as im:
             im = ImageOps.exif_transpose(im)  # rotate JPEGs to how they are meant to be seen
             im.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+    except READ_ERRORS as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
     info = {"size": im.size, "icc_profile": im.info.get("icc_profile"), "alpha": None}
@@ -65,7 +89,7 @@ def load_image(path):
             grey, out_mode = np.asarray(im, dtype=np.float32) / 65535, "I;16"
         x = torch.from_numpy(grey.copy()).expand(3, -1, -1).contiguous()
     else:
-        out_mode = "RGBA" if mode == "RGBA" else "RGB"
+        out_mode = mode if mode in ("RGBA", "CMYK") else "RGB"
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
     info["mode"] = out_mode
@@ -89,14 +113,18 @@ def to_pil(x, info=None, mode=None):
     if mode in ("RGBA", "LA"):
         alpha = (info or {}).get("alpha")
         im.putalpha(Image.fromarray(alpha) if alpha is not None else 255)
+    if mode == "CMYK":
+        im = im.convert("CMYK")  # Pillow's plain inverse of its CMYK -> RGB (K = 0): the same colours on screen
     return im
 
 
 # What a format cannot hold falls back to the nearest mode it can (PNG and TIFF hold them all).
 FALLBACK = {
     "JPEG": {"RGBA": "RGB", "LA": "L", "I;16": "L"},
-    "BMP": {"LA": "RGBA", "I;16": "L"},
-    "WEBP": {"LA": "RGBA", "L": "RGB", "I;16": "RGB"},
+    "PNG": {"CMYK": "RGB"},
+    "BMP": {"LA": "RGBA", "I;16": "L", "CMYK": "RGB"},
+    "WEBP": {"LA": "RGBA", "L": "RGB", "I;16": "RGB", "CMYK": "RGB"},
+    "GIF": {"LA": "RGBA", "I;16": "L", "CMYK": "RGB"},
 }
 
 
@@ -104,31 +132,88 @@ def save_image(x, path, info=None):
     """Write x [3, H, W] to `path` in the input's mode and size (see the module docstring), atomically:
     a temporary file in the same folder, then os.replace, so a crash never leaves half an image."""
     path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"{path}: unknown image extension {path.suffix!r}; use one of {', '.join(IMAGE_EXTS)}")
+    fmt = image_format(path)
     mode = (info or {}).get("mode", "RGB")
-    im = to_pil(x, info, FALLBACK.get(fmt, {}).get(mode, mode))
+    out_mode = FALLBACK.get(fmt, {}).get(mode, mode)
+    im = to_pil(x, info, out_mode)
     kwargs = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-    if info is not None and info.get("icc_profile"):
-        kwargs["icc_profile"] = info["icc_profile"]
-    atomic_save(im, path, fmt, **kwargs)
+    if info is not None and info.get("icc_profile") and (out_mode == "CMYK") == (mode == "CMYK"):
+        kwargs["icc_profile"] = info["icc_profile"]  # a CMYK profile does not describe RGB pixels
+    atomic_write(path, lambda f: im.save(f, format=fmt, **kwargs))
 
 
 def atomic_save(im, path, fmt, **kwargs):
-    """PIL image -> file, through a temporary file in the same folder and os.replace."""
+    """PIL image -> file, atomically (atomic_write)."""
+    atomic_write(path, lambda f: im.save(f, format=fmt, **kwargs))
+
+
+def image_format(path):
+    """Pillow's format name for a file name's suffix; UserError for a suffix that is not an image's."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or Path(path).suffix.lower() not in IMAGE_EXTS:
+        raise UserError(f"{path}: unknown image extension {Path(path).suffix!r}; use one of {', '.join(IMAGE_EXTS)}")
+    return fmt
+
+
+def atomic_write(path, write):
+    """write(file object) into a temporary file beside `path`, then os.replace: a crash, a full disk or an
+    unwritable folder never leaves half a file, and ends in a one-line UserError."""
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {path.parent} ({e.strerror}); choose another output place") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            im.save(f, format=fmt, **kwargs)
+            write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: cannot write it ({e.strerror or e}); free some space or choose another "
+                            "output place") from None
         raise
+
+
+def load_frames(path):
+    """An animated image -> (frames [T, 3, H, W] float32 RGB in [0, 1], info with each frame's duration)."""
+    path = Path(path)
+    frames, durations = [], []
+    try:
+        with _open(path) as im:
+            info = {"size": im.size, "loop": im.info.get("loop", 0), "mode": "RGB"}
+            for frame in ImageSequence.Iterator(im):
+                frame.load()  # WebP sets a frame's duration only once it is decoded
+                durations.append(frame.info.get("duration", 100))
+                rgb = np.asarray(frame.convert("RGB"), dtype=np.float32) / 255
+                frames.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1))
+    except READ_ERRORS as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    info["durations"] = durations
+    return torch.stack(frames), info
+
+
+ANIMATED_FORMATS = ("GIF", "PNG", "WEBP", "TIFF")
+
+
+def save_frames(frames, path, info):
+    """frames [T, 3, H, W] -> an animated image at `path` (GIF, APNG, WebP or multi-page TIFF, by suffix) with
+    info's frame durations and loop count, written atomically."""
+    path = Path(path)
+    fmt = image_format(path)
+    if fmt not in ANIMATED_FORMATS:
+        raise UserError(f"{path}: a {fmt} file holds one frame, not {len(frames)}; name the output .gif, .png "
+                        "(APNG), .webp or .tif")
+    ims = [to_pil(f, info) for f in frames]
+    kwargs = {"save_all": True, "append_images": ims[1:]}
+    if fmt != "TIFF":
+        kwargs.update(duration=info.get("durations", 100), loop=info.get("loop", 0))
+    if fmt == "WEBP":
+        kwargs["quality"] = 95
+    atomic_write(path, lambda f: ims[0].save(f, format=fmt, **kwargs))
 
 
 def _umask():
@@ -157,6 +242,24 @@ def list_images(sources):
             raise UserError(f"{src}: no such file or folder")
     if not files:
         raise UserError("no input images given")
+    return files
+
+
+def usable(files, where):
+    """files, if every one opens as an image (headers only: quick); else a UserError naming the bad ones, so a
+    training run stops before any work instead of at the first batch that draws a broken file."""
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f):
+                pass
+        except READ_ERRORS as e:
+            bad.append(f"{Path(f).name} ({type(e).__name__})")
+    if bad:
+        what = ("none of its images is readable" if len(bad) == len(files)
+                else f"{len(bad)} of {len(files)} images are not readable")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserError(f"{where}: {what}: {', '.join(bad[:3])}{more}; remove or replace them")
     return files
 
 
@@ -219,7 +322,7 @@ class CleanFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder, degradation, resolution=512, train=True, seed=0):
-        self.files = list_images(folder)
+        self.files = usable(list_images(folder), folder)
         self.degradation = "+".join(parse(degradation))
         self.resolution, self.train, self.seed = resolution, train, seed
 
@@ -292,8 +395,8 @@ class PairedFolder(torch.utils.data.Dataset):
             if not (folder / sub).is_dir():
                 raise UserError(f"{folder}: a paired dataset needs the subfolders clean/ and degraded/ "
                                 f"({sub}/ is missing)")
-        clean = {p.stem: p for p in list_images(folder / "clean")}
-        degraded = {p.stem: p for p in list_images(folder / "degraded")}
+        clean = {p.stem: p for p in usable(list_images(folder / "clean"), folder / "clean")}
+        degraded = {p.stem: p for p in usable(list_images(folder / "degraded"), folder / "degraded")}
         lonely = sorted(set(clean) ^ set(degraded))
         if lonely:
             names = [str(clean.get(s) or degraded.get(s)) for s in lonely]

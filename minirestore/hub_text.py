@@ -1,13 +1,13 @@
 """Loaders for the text encoders: T5 v1.1 / umT5 (FLUX's `text_encoder_2/`, Wan's `text_encoder/`) and
 CLIP (FLUX's `text_encoder/`), with their tokenizers. Same source forms, streaming and errors as
-`hub.load_flux`; `minirestore.hub` re-exports everything here."""
+`hub_flux.load_flux` (loading.py); `minirestore.hub` gathers the public names."""
 import json
 from pathlib import Path
 
 import torch
 
 from . import UserError
-from .hub import Checkpoint, describe, hub_folder, load_model, safetensors_files
+from .loading import Checkpoint, describe, hub_folder, load_model, safetensors_files
 
 
 # name -> (Hub repo, subfolder, size in bytes for messages, gated). The FLUX repos carry T5 v1.1 XXL in

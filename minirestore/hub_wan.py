@@ -1,6 +1,6 @@
 """Loaders for Wan 2.1: the DiT (original and diffusers formats through one key map) and its VAE
 (`Wan2.1_VAE.pth` or the -Diffusers `vae/` safetensors). Same source forms, streaming and errors as
-`hub.load_flux`; `minirestore.hub` re-exports everything here."""
+`hub_flux.load_flux` (loading.py); `minirestore.hub` gathers the public names."""
 import json
 import re
 from pathlib import Path
@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from . import UserError
-from .hub import Checkpoint, _hub_message, describe, hub_file, load_model, resolve, safetensors_files
+from .loading import (Checkpoint, TorchCheckpoint, describe, hub_file, hub_message, load_model, resolve,
+                      safetensors_files)
 
 
 # name -> (original-format repo, diffusers-format repo, size of the DiT in bytes for messages)
@@ -105,7 +106,7 @@ def _hub_snapshot(repo_id, patterns, size=None):
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
-        raise UserError(_hub_message(repo_id, patterns[0], size, False, e)) from None
+        raise UserError(hub_message(repo_id, patterns[0], size, False, e)) from None
 
 
 def _wan_files(source, filename):
@@ -153,33 +154,6 @@ def load_wan(source, config=None, device="cpu", dtype=torch.bfloat16, filename=N
 
 
 # --- Wan 2.1 VAE ------------------------------------------------------------------------------
-
-class TorchCheckpoint:
-    """A pickled state dict (.pth) behind Checkpoint's interface (files, shapes, metadata, get, config).
-
-    Read with torch.load(weights_only=True): tensors only, no code from the file runs.
-    """
-
-    def __init__(self, path):
-        self.files, self.metadata = [Path(path)], {}
-        try:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # a legacy (non-zip) pickle cannot be memory-mapped
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}); "
-                            "it may be truncated: download it again") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else {}
-        self._state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self.shapes = {k: tuple(v.shape) for k, v in self._state.items()}
-
-    def get(self, name):
-        return self._state[name]
-
-    def config(self):
-        return None
-
 
 _WAN_VAE_RES = [("residual.0.gamma", "norm1.gamma"), ("residual.2.", "conv1."), ("residual.3.gamma", "norm2.gamma"),
                 ("residual.6.", "conv2."), ("shortcut.", "conv_shortcut.")]

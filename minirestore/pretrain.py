@@ -36,7 +36,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import hub
+from . import UserError, hub
 from .cli import run
 from .context import save_context
 from .flux import Flux, get_schedule, pack, prepare_ids, unpack
@@ -55,7 +55,7 @@ DENOISE_SIGMAS = (0.05, 0.1, 0.2)  # the ablation's score: Gaussian noise of the
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=8000, help="optimiser steps (0: write the initial or --init weights)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=300, help="linear warm-up steps, then cosine decay to lr/10")
@@ -82,7 +82,17 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance of the conditional grid rows")
     p.add_argument("--eval-n", type=int, default=128, help="images per set in the final evaluation")
     p.add_argument("--threads", type=int, default=2)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 0:
+        raise UserError(f"--steps must be 0 (write the initial weights) or more, got {args.steps}")
+    for flag in ("batch_size", "sample_steps", "eval_n", "threads", "sample_every", "checkpoint_every"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not args.lr > 0:  # `not >` also refuses nan
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.warmup < 0 or not 0 <= args.ema < 1 or not 0 <= args.cond_drop <= 1:
+        raise UserError("--warmup must be 0 or more, --ema in [0, 1), --cond-drop in [0, 1]")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,12 +314,18 @@ def train(args):
     gen = torch.Generator().manual_seed(args.seed)  # t, noise, prompt drop and batch size: all from here
     step = 0
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for module, key in ((flux, "flux"), (text, "text"), (ema_flux, "ema_flux"), (ema_text, "ema_text")):
-            module.load_state_dict(ck[key])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["rng"])
-        step = ck["step"]
+        # Tensors, numbers and strings only (weights_only=True): a planted pickle in the run folder runs no code.
+        try:
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+            for module, key in ((flux, "flux"), (text, "text"), (ema_flux, "ema_flux"), (ema_text, "ema_text")):
+                module.load_state_dict(ck[key])
+            opt.load_state_dict(ck["opt"])
+            gen.set_state(ck["rng"].cpu())  # the generator's state, a uint8 tensor
+            step = int(ck["step"])
+            json.loads(ck["args"])
+        except Exception as e:  # truncated, another model's, another format, or code to run
+            raise UserError(f"--resume: {ckpt_path} is not a readable checkpoint of this run ({type(e).__name__}: "
+                            f"{str(e)[:120]}); delete it to start afresh, or pass another --run-dir") from None
         print(f"resumed from {ckpt_path} at step {step}")
     elif args.resume:
         print(f"--resume: no {ckpt_path} yet; starting from scratch")
@@ -317,7 +333,7 @@ def train(args):
     def checkpoint():
         state = {"flux": flux.state_dict(), "text": text.state_dict(), "ema_flux": ema_flux.state_dict(),
                  "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(), "step": step,
-                 "args": vars(args)}
+                 "args": json.dumps(vars(args))}  # the config as JSON: every value loads with weights_only=True
         _atomic(ckpt_path, lambda p: torch.save(state, p))
         write_backbone(args.out, ema_flux, ema_text, pretrain_config)
 

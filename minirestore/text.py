@@ -125,7 +125,7 @@ class T5Encoder(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = c = config
-        self.shared = nn.Embedding(c.vocab_size, c.d_model)  # the file may call it encoder.embed_tokens (hub.py)
+        self.shared = nn.Embedding(c.vocab_size, c.d_model)  # the file may call it encoder.embed_tokens (hub_text.py)
         self.encoder = nn.ModuleDict(dict(
             block=nn.ModuleList([T5Block(c, has_bias=(i == 0 or not c.shared_pos)) for i in range(c.num_layers)]),
             final_layer_norm=RMSNorm(c.d_model, c.eps),

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import UserError, hub
+from . import UserError
+from .loading import Checkpoint, load_model
 from .flux import FluxConfig
 from .photos import PHOTO_WORDS
 from .procedural import WORDS
@@ -143,13 +144,13 @@ class TinyTextEncoder(nn.Module):
 
 def load_text_encoder(path, device="cpu", dtype=torch.float32):
     """The tiny text encoder from `text.safetensors` (its TextConfig is the `minirestore_config` metadata)."""
-    ckpt = hub.Checkpoint([path])
+    ckpt = Checkpoint([path])
     stored = ckpt.config()
     if stored is None:
         raise UserError(f"{path} has no minirestore_config metadata: it is not a tiny text encoder file; "
                         "rebuild it with `python -m minirestore.pretrain`")
     config = TextConfig(**stored)
-    return hub.load_model(lambda: TinyTextEncoder(config), ckpt, what="the tiny text encoder",
+    return load_model(lambda: TinyTextEncoder(config), ckpt, what="the tiny text encoder",
                           device=device, dtype=dtype)
 
 

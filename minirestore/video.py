@@ -91,7 +91,8 @@ def read_video(path):
 def write_video(frames, path, fps=DEFAULT_FPS):
     """frames [T, 3, H, W] in [0, 1] -> a video file (by suffix, needs PyAV) or a folder of PNG frames.
 
-    Written atomically: into a temporary name beside the target, then renamed over it.
+    Written atomically: into a temporary name beside the target, then renamed over it; a failed write
+    (unwritable place, full disk) is a UserError and leaves nothing behind.
     """
     path = Path(path).expanduser()
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -111,6 +112,9 @@ def write_video(frames, path, fps=DEFAULT_FPS):
                     old.unlink()
             else:
                 os.rename(tmp, path)
+    except OSError as e:  # an unwritable folder, a full disk: one line, and the temporary file goes
+        raise UserError(f"{path}: cannot write it ({e.strerror or e}); free some space or choose another "
+                        "output place") from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp)

@@ -143,7 +143,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="out.png: cannot write it \\(disk full\\)"):  # one line for the user
         save_image(1 - x, tmp_path / "out.png")
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temp file left

@@ -60,13 +60,15 @@ def test_two_processes_restore_a_folder_like_one(backbone_dir, images_dir, tmp_p
 
 
 def test_a_crashing_rank_stops_the_run_and_keeps_the_checkpoint(backbone_dir, images_dir, tmp_path):
-    """An unreadable training image kills the rank that draws it; the run ends with its message and the
-    last checkpoint (written atomically at every validation) still loads."""
+    """A training image that fails to decode kills the rank that draws it; the run ends with its message and
+    the last checkpoint (written atomically at every validation) still loads. (A file that is no image at all
+    is refused before training, test_cli; a truncated one passes that header check and fails when decoded.)"""
     data = tmp_path / "data"
     data.mkdir()
     for p in images_dir.iterdir():
         (data / p.name).write_bytes(p.read_bytes())
-    (data / "zz_broken.png").write_bytes(b"not an image at all")
+    whole = (images_dir / "img0.png").read_bytes()
+    (data / "zz_broken.png").write_bytes(whole[:len(whole) // 2])  # a PNG cut in half
     r = run(2, "train.py", "--model", backbone_dir, "--data", data, "--resolution", "16", "--steps", "40",
             "--val-every", "1", "--val-count", "2", "--val-steps", "1", "--run-dir", tmp_path / "run",
             "--out", tmp_path / "p.safetensors", cwd=tmp_path)

@@ -49,7 +49,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     pretrain.train(_args(tmp_path / "b", "--steps", "2"))
     _, _, ema_b, _, step = pretrain.train(_args(tmp_path / "b", "--steps", "4", "--resume"))
     assert step == 4
-    assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
     # Same data, times, noise and optimizer state: resuming reproduces the uninterrupted run.
     for (k, a), (_, b) in zip(ema_a.state_dict().items(), ema_b.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), k

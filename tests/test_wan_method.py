@@ -162,3 +162,19 @@ def test_sample_restores_an_mp4(wan_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     out, fps = read_video(tmp_path / "clip_restored.mp4")
     assert out.shape == (5, 3, 32, 48) and abs(fps - 10) < 1e-6
+
+
+def test_an_animated_gif_is_a_clip_with_wan(wan_dir, tmp_path):
+    from minirestore.data import load_frames
+    from minirestore.prompts import PromptBank, save_prompt
+
+    rng = np.random.default_rng(4)
+    frames = [Image.fromarray((rng.random((20, 30, 3)) * 255).astype(np.uint8)) for _ in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=[30, 60, 90], loop=0)
+    save_prompt(PromptBank(8, 32, 2), tmp_path / "p.safetensors", backbone="test-wan", T0=0.4)
+    r = run("sample.py", tmp_path / "anim.gif", "--model", wan_dir, "--prompt", tmp_path / "p.safetensors",
+            "--steps", "2", "--out", tmp_path / "out" / "clean.webp", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "3 frames -> 5 (4k+1)" in r.stdout  # one clip through the video VAE, padded and cut back
+    out, info = load_frames(tmp_path / "out" / "clean.webp")
+    assert out.shape == (3, 3, 20, 30) and info["durations"] == [30, 60, 90]
