@@ -54,6 +54,12 @@ def parse_args(argv=None):
     return args
 
 
+def shown(path):
+    """A path as a reader of results.md can use it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 @torch.no_grad()
 def main(argv=None):
     command = ("python benchmarks/sampler.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
@@ -78,7 +84,7 @@ def main(argv=None):
             scores[sigma, steps, samples] = psnr(mean / samples, clean).mean().item()
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     lines = ["# Sampler budget: steps x samples", "", f"Command: `{command}`", "",
-             f"Date: {when}; {torch.get_num_threads()} threads; {time.time() - start:.0f} s. Prompt {args.prompt}; "
+             f"Date: {when}; {torch.get_num_threads()} threads; {time.time() - start:.0f} s. Prompt {shown(args.prompt)}; "
              f"{args.images} val crops of 64 px per sigma; mean PSNR (dB).", "",
              "| steps x samples | network evaluations | " + " | ".join(f"sigma {s:g}" for s in args.sigmas) + " |",
              "|---|---|" + "---|" * len(args.sigmas)]
