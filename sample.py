@@ -11,9 +11,11 @@ default): the degradation's strength is estimated from the input and mapped thro
 curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
 step. Outputs keep the input's size and mode and never overwrite an input. With a Wan backbone a
 video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps kept);
-with FLUX a folder is a set of images.
+with FLUX a folder is a set of images. Clips stream from and to disk in overlapping windows of --window
+frames blended in latent space (long_video.py), so memory does not grow with a clip's length.
 """
 import argparse
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -27,7 +29,8 @@ from minirestore.data import list_images, load_image, save_image
 from minirestore.distributed import barrier, close, init
 from minirestore.prompts import load_prompt
 from minirestore.strength import auto_T0
-from minirestore.video import VIDEO_SUFFIXES, read_video, to_4k1, write_video
+from minirestore.long_video import restore_stream
+from minirestore.video import VIDEO_SUFFIXES, FrameWriter, iter_frames, probe, to_4k1
 
 
 TINY_TILE = 64  # the tiny default's pre-training size
@@ -66,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--suffix", default="_restored", help="added to each output's file name")
     p.add_argument("--max-size", type=int, default=2048, help="refuse images whose longer side is larger")
     p.add_argument("--tile", type=int, help="restore in overlapping tiles of this size (default: 64 for tiny, off otherwise)")
+    p.add_argument("--window", type=int, default=81, help="clips: frames per temporal window (4k+1); longer clips "
+                   "are restored in overlapping windows blended in latent space")
+    p.add_argument("--window-overlap", type=int, default=16, help="clips: frames shared by neighbouring windows "
+                   "(a multiple of 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -74,6 +81,10 @@ def parse_args(argv=None):
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if args.window < 9 or args.window % 4 != 1:
+        raise UserError(f"--window must be 4k+1 frames with k >= 2 (e.g. 33, 81), got {args.window}")
+    if args.window_overlap % 4 or not 4 <= args.window_overlap < args.window - 1:
+        raise UserError(f"--window-overlap must be a multiple of 4 from 4 to {args.window - 5}, got {args.window_overlap}")
     return args
 
 
@@ -98,9 +109,9 @@ def collect(inputs, clips):
     return jobs
 
 
-def read(kind, src):
-    """-> (tensor, info): an image [3, H, W] with its mode, or a clip [T, 3, H, W] with its fps."""
-    return load_image(src) if kind == "image" else read_video(src)
+def size_of(kind, src):
+    """(H, W) of an image or a clip (a clip's frames are not all read)."""
+    return load_image(src)[0].shape[-2:] if kind == "image" else probe(src)[2]
 
 
 def tile_starts(size, tile, overlap):
@@ -166,9 +177,9 @@ def main(argv=None):
     if len(set(outputs)) < len(outputs):
         raise UserError("two inputs would write the same output (same name in different folders): pass them separately")
     for kind, src, _ in jobs:  # refuse bad inputs before any work, so nothing is half done
-        x, _ = read(kind, src)
-        if max(x.shape[-2:]) > args.max_size:
-            raise UserError(f"{src} is {x.shape[-1]}x{x.shape[-2]}, larger than --max-size {args.max_size}: "
+        H, W = size_of(kind, src)
+        if max(H, W) > args.max_size:
+            raise UserError(f"{src} is {W}x{H}, larger than --max-size {args.max_size}: "
                             "resize it or raise --max-size")
 
     backbone = load_backbone(args.model, args.device, dtype)
@@ -192,17 +203,22 @@ def main(argv=None):
     if backbone.kind == "flux" and any(kind == "clip" for kind, *_ in jobs):
         raise UserError(f"{backbone.name} restores images; videos need a Wan backbone (--model wan2.1-t2v-1.3b)")
     for kind, src, dst in tqdm(mine, desc="restoring", unit="input", disable=len(mine) < 2 or not world.main):
-        x, info = read(kind, src)
+        if kind == "image":
+            x, info = load_image(src)
+        else:  # a clip streams: its first window's frames for the strength estimate only
+            x = torch.stack(list(islice(iter_frames(src), args.window))) if auto else None
         tile = args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
         b, note = bridge, f"T0 {bridge.T0:g}"
         if auto:  # adaptive T0: this input's estimated strength, through the prompt's measured curve
             T0, strength = auto_T0(meta, x)
             b, note = bridge.at(T0), f"estimated {meta['degradation']} strength {strength:.4f} -> T0 {T0:.3f}"
-        restored = restore(backbone, prompts, b, x, args.steps, args.seed, tile=tile)
         if kind == "image":
-            save_image(restored, dst, info)
+            save_image(restore(backbone, prompts, b, x, args.steps, args.seed, tile=tile), dst, info)
         else:
-            write_video(restored, dst, fps=info)
+            n_frames, fps, _ = probe(src)
+            with FrameWriter(dst, fps) as out:
+                restore_stream(backbone, prompts, b, iter_frames(src), n_frames, out.write, args.steps, args.seed,
+                               window=args.window, overlap=args.window_overlap)
         print(f"{src} -> {dst} ({note})")
     barrier(world)
     close(world)
