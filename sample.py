@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--weights", choices=("auto", "dtype", "fp8"), default="auto", help="the frozen transformer's "
+                   "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
+                   "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
     args = p.parse_args(argv)
     if args.t0 not in (None, "auto") and not 0 < args.t0 <= 1:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
@@ -182,7 +185,7 @@ def main(argv=None):
             raise UserError(f"{src} is {W}x{H}, larger than --max-size {args.max_size}: "
                             "resize it or raise --max-size")
 
-    backbone = load_backbone(args.model, args.device, dtype)
+    backbone = load_backbone(args.model, args.device, dtype, weights=args.weights)
     prompt_files = args.prompt or [default_prompt(backbone.name, args.degradation)]
     prompts = [load_prompt(f, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks).to(backbone.device)
                for f in prompt_files]

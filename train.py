@@ -79,6 +79,9 @@ def parse_args(argv=None):
                    help="recompute each block in the backward pass (auto: on for CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="frozen weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--weights", choices=("auto", "dtype", "fp8"), default="auto", help="the frozen transformer's "
+                   "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
+                   "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
     args = p.parse_args(argv)
     if not isinstance(args.t0, tuple) and not 0 < args.t0 <= 1:  # a range is checked by Bridge
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
@@ -200,7 +203,7 @@ def main(argv=None):
     data = None if args.data is None else Path(args.data)
     if data is not None and not data.is_dir():
         raise UserError(f"--data {data}: no such folder")
-    backbone = load_backbone(args.model, args.device, dtype)
+    backbone = load_backbone(args.model, args.device, dtype, weights=args.weights)
     defaults = DEFAULTS.get(backbone.name, DEFAULTS[backbone.kind])
     if data is None and backbone.name != "tiny":
         raise UserError("pass --data: a folder of clean images, or a paired folder with clean/ and degraded/")

@@ -187,7 +187,7 @@ class WanBlock(nn.Module):
 
     def forward(self, x, e0, cos, sin, kv, prompt_kv=None, alpha=None):
         """x: [B, L, D] fp32 residual stream; e0: [B, 6, D] fp32 time projection."""
-        dtype = self.ffn[0].weight.dtype
+        dtype = self.ffn[0].bias.dtype  # the weights' dtype (the bias's: fp8 weights keep their bias in it)
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e0).chunk(6, dim=1)
         h = layer_norm(x, self.eps) * (1 + scale) + shift
         x = x + self.self_attn.self_attention(h.to(dtype), cos, sin).float() * gate
