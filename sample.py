@@ -79,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--weights", choices=("auto", "dtype", "fp8"), default="auto", help="the frozen transformer's "
                    "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
                    "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
+    p.add_argument("--offload", choices=("auto", "none", "blocks"), default="auto", help="blocks: the transformer "
+                   "blocks stay in pinned CPU memory and are copied to the GPU one ahead on a side stream (outputs "
+                   "identical); auto: blocks on a GPU with less free memory than 1.2x the weights, else none (default auto)")
     args = p.parse_args(argv)
     if args.t0 not in (None, "auto") and not 0 < args.t0 <= 1:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
@@ -185,7 +188,7 @@ def main(argv=None):
             raise UserError(f"{src} is {W}x{H}, larger than --max-size {args.max_size}: "
                             "resize it or raise --max-size")
 
-    backbone = load_backbone(args.model, args.device, dtype, weights=args.weights)
+    backbone = load_backbone(args.model, args.device, dtype, weights=args.weights, offload=args.offload)
     prompt_files = args.prompt or [default_prompt(backbone.name, args.degradation)]
     prompts = [load_prompt(f, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks).to(backbone.device)
                for f in prompt_files]

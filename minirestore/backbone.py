@@ -16,7 +16,8 @@ Two families sit behind it:
 (`flux.safetensors` or `wan.safetensors`), the codec (`ae.safetensors` / `vae.safetensors`, none for
 the pixel codec) and `context.safetensors`. weights="fp8" stores the transformer blocks' linears in float8
 e4m3 with per-channel scales, quantised while loading (fp8.py); "auto" does so on a GPU too small for the
-bf16 transformer.
+bf16 transformer. offload="blocks" keeps the transformer blocks in CPU memory and streams them to the GPU
+one at a time (offload.py).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,23 @@ def pick_weights(weights, source, device):
     return "fp8" if free < 1.5 * size else "dtype"
 
 
+OFFLOAD = ("auto", "none", "blocks")
+
+
+def pick_offload(offload, source, device, weights):
+    """--offload auto -> "blocks" on a GPU whose free memory is under 1.2 x the transformer's weights (in the
+    chosen format: fp8 about 0.6 of bf16), else "none"; CPU: "none"."""
+    if offload not in OFFLOAD:
+        raise UserError(f"--offload must be one of {', '.join(OFFLOAD)}, got {offload}")
+    if offload != "auto":
+        return offload
+    size = transformer_bytes(source)
+    if not str(device).startswith("cuda") or size is None:
+        return "none"
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return "blocks" if free < 1.2 * size * (0.6 if weights == "fp8" else 1.0) else "none"
+
+
 def _load_folder(folder, device, dtype, quantise=None):
     from .context import load_context
 
@@ -166,14 +184,18 @@ def is_wan(source):
     return str(source) in WAN_MODELS or (Path(str(source)).expanduser() / "wan.safetensors").exists()
 
 
-def load_backbone(source, device="cpu", dtype=torch.float32, weights="dtype"):
+def load_backbone(source, device="cpu", dtype=torch.float32, weights="dtype", offload="none"):
     """A model name ("tiny", "flux-dev", "flux-schnell", "wan2.1-t2v-1.3b", ...) or a backbone folder.
 
     weights: "dtype" (the transformer in `dtype`), "fp8" (its blocks' linears in float8 e4m3, the rest in
-    `dtype`; fp8.py) or "auto" (pick_weights)."""
+    `dtype`; fp8.py) or "auto" (pick_weights). offload: "none", "blocks" (the blocks stay on the host and
+    visit `device` one at a time; offload.py) or "auto" (pick_offload)."""
     from . import fp8
 
-    quantise = fp8.targets if pick_weights(weights, source, device) == "fp8" else None
+    weights = pick_weights(weights, source, device)
+    quantise = fp8.targets if weights == "fp8" else None
+    offload = pick_offload(offload, source, device, weights)
+    target, device = device, ("cpu" if offload == "blocks" else device)  # offload: load on the host first
     folder = TINY_DIR if str(source) == "tiny" else Path(str(source)).expanduser()
     if folder.is_dir():
         kind, name, model, vae, context = _load_folder(folder, device, dtype, quantise)
@@ -197,6 +219,12 @@ def load_backbone(source, device="cpu", dtype=torch.float32, weights="dtype"):
     else:
         raise UserError(f"{source}: not a backbone folder and not a known model "
                         f"(known: tiny, {', '.join(FLUX_MODELS + WAN_MODELS)})")
+    if offload == "blocks":
+        from .offload import offload_blocks
+
+        vae.to(target)
+        offload_blocks(model, target)
+        device = target
     context = {k: v.to(device) for k, v in context.items()}
     if kind == "flux":
         c = model.config
