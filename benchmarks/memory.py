@@ -36,12 +36,25 @@ GPUS = (12, 16, 24, 48, 80)
 
 
 def weight_bytes(model):
+    """GPU bytes of the transformer's weights: bf16, fp8, and with --offload blocks (the non-block weights plus
+    the two largest blocks: the running one and the one fetched ahead; fp8 blocks when combined with fp8)."""
     from minirestore import fp8
 
     targets = set(fp8.targets(model))
     big = sum(m.weight.numel() for n, m in model.named_modules() if n in targets)
     total = sum(p.numel() for p in model.parameters())
-    return {"bf16": 2 * total, "fp8": big + 2 * (total - big)}
+    blocks = [b for n in ("double_blocks", "single_blocks", "blocks") for b in getattr(model, n, [])]
+    in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
+
+    def block_fp8(b):
+        lin = sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear) and m in fp8_mods)
+        return lin + 2 * (sum(p.numel() for p in b.parameters()) - lin)
+    fp8_mods = {model.get_submodule(n) for n in targets}
+    two = sorted((sum(p.numel() for p in b.parameters()) for b in blocks), reverse=True)[:2]
+    two_fp8 = sorted((block_fp8(b) for b in blocks), reverse=True)[:2]
+    rest = 2 * (total - in_blocks)
+    return {"bf16": 2 * total, "fp8": big + 2 * (total - big), "offload": rest + 2 * sum(two),
+            "fp8+offload": rest + sum(two_fp8)}
 
 
 def peak_anon(fn):
@@ -119,7 +132,12 @@ def rows(vae):
         for task, train in ((f"prompt training, 480x832, {frames} frames", True), (f"restoring 480x832, {frames}-frame windows", False)):
             act = c.num_layers * L * c.dim * 4 + 3 * wan_block(L, c.dim, c.ffn_dim) if train else wan_block(L, c.dim, c.ffn_dim)
             codec = max(vae["wan_encode"], 0 if train else vae["wan_decode"]) * 480 * 832
-            out.append((name, task, wan_w[name], wan_vae_w + act + codec))
+            w = dict(wan_w[name])
+            if train:  # offload: autograd keeps every block's cross-attention k/v weights (bf16) for the prompt's gradient
+                kept = c.num_layers * 2 * c.dim ** 2 * 2
+                w["offload"] += kept
+                w["fp8+offload"] += kept
+            out.append((name, task, w, wan_vae_w + act + codec))
     return out
 
 
@@ -132,16 +150,18 @@ def main():
     vae = json.loads(r.stdout.strip().splitlines()[-1])
     print("VAE activation bytes per pixel (measured on the CPU, fp32): " +
           ", ".join(f"{k} {v:.0f}" for k, v in vae.items()))
-    print("\n| backbone | task | GiB with bf16 weights | GiB with --weights fp8 | " +
+    print("\n| backbone | task | GiB, bf16 weights | GiB, `--weights fp8` | GiB, `--offload blocks` | GiB, both | " +
           " | ".join(f"{g} GB" for g in GPUS) + " |")
-    print("|---|---|---|---|" + "---|" * len(GPUS))
+    print("|---|---|---|---|---|---|" + "---|" * len(GPUS))
+    flags = {"bf16": "bf16", "fp8": "`fp8`", "offload": "`offload`", "fp8+offload": "`fp8` + `offload`"}
     for name, task, w, rest in rows(vae):
-        need = {m: (w[m] + rest + OVERHEAD) / GiB for m in ("bf16", "fp8")}
+        need = {m: (w[m] + rest + OVERHEAD) / GiB for m in flags}
 
         def fits(gb):
             usable = gb * 1e9 / GiB * 0.95  # what the card reports, less 5 %
-            return "default" if need["bf16"] <= usable else ("`--weights fp8`" if need["fp8"] <= usable else "no (needs offload)")
-        print(f"| {name} | {task} | {need['bf16']:.1f} | {need['fp8']:.1f} | " + " | ".join(fits(g) for g in GPUS) + " |")
+            return next((flags[m] for m in flags if need[m] <= usable), "no")
+        print(f"| {name} | {task} | " + " | ".join(f"{need[m]:.1f}" for m in flags) + " | "
+              + " | ".join(fits(g) for g in GPUS) + " |")
 
 
 if __name__ == "__main__":
