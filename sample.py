@@ -6,41 +6,32 @@
 
 The degraded image is encoded to Y, noised to level T0, X = (1 - T0) Y + T0 eps, and walked back
 to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampler, 20 steps by
-default). A prompt trained over a T0 range (train.py --t0 0.05:0.8) picks T0 per input (--t0 auto, its
+default; on the tiny default the mean of 4 samples of 5 steps, the same cost). A prompt trained over a T0 range (train.py --t0 0.05:0.8) picks T0 per input (--t0 auto, its
 default): the degradation's strength is estimated from the input and mapped through the prompt's measured
 curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
 step. Outputs keep the input's size and mode and never overwrite an input. With a Wan backbone a
 video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps kept);
-with FLUX a folder is a set of images. Clips stream from and to disk in overlapping windows of --window
-frames blended in latent space (long_video.py), so memory does not grow with a clip's length.
+with FLUX a folder is a set of images. --protocol ypt restores as the released code does (resized to
+1024x1024 or 480x832, posterior sample, scheduler timesteps, noise seed 42, truncated JPEG; protocol.py).
+Clips stream from and to disk in overlapping windows of --window frames blended in latent space
+(long_video.py), so memory does not grow with a clip's length.
 """
 import argparse
 from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minirestore import UserError
 from minirestore.cli import Help, run
 from minirestore.backbone import is_wan, load_backbone
-from minirestore.bridge import Bridge, averaged
 from minirestore.data import list_images, load_image, save_image
 from minirestore.distributed import barrier, close, init
-from minirestore.prompts import load_prompt
-from minirestore.strength import auto_T0
+from minirestore import protocol
+from minirestore.restore import (TINY_TILE, at_input, blend_weight, bridge_for, default_prompt, load_prompts,  # noqa: F401
+                                 restore, sampler_defaults, tile_starts)  # (benchmarks and tests import restore's names from here)
 from minirestore.long_video import restore_stream
-from minirestore.video import VIDEO_SUFFIXES, FrameWriter, iter_frames, probe, to_4k1
-
-
-TINY_TILE = 64  # the tiny default's pre-training size
-
-
-def default_prompt(model, degradation):
-    """Your own trained prompt if there is one, else the one shipped for the model."""
-    user = Path("weights") / f"{model}-{degradation}.safetensors"
-    shipped = Path(__file__).resolve().parent / "weights" / model / "prompts" / f"{degradation}.safetensors"
-    return user if user.exists() or not shipped.exists() else shipped
+from minirestore.video import VIDEO_SUFFIXES, FrameWriter, iter_frames, probe, read_video, write_video
 
 
 def t0_arg(text):
@@ -64,7 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--t0", type=t0_arg, help="start level T0 in (0, 1], or auto: chosen per input from its estimated "
                    "degradation strength, on the curve stored in a prompt trained over a T0 range (default: auto for "
                    "such prompts, else the prompt's own T0)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (network evaluations per prompt)")
+    p.add_argument("--steps", type=int, help="sampler steps, network evaluations per prompt and sample "
+                   "(default: 5 for tiny, 20 otherwise and with --protocol ypt)")
+    p.add_argument("--samples", type=int, help="average this many restorations from different start noises "
+                   "(the posterior mean: higher PSNR, slightly smoother, samples x the time; default: 4 for tiny, "
+                   "1 otherwise and with --protocol ypt)")
     p.add_argument("--out", help="output folder (default: beside each input)")
     p.add_argument("--suffix", default="_restored", help="added to each output's file name")
     p.add_argument("--max-size", type=int, default=2048, help="refuse images whose longer side is larger")
@@ -75,18 +70,24 @@ def parse_args(argv=None):
                    "(a multiple of 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights' dtype (default: bf16 on CUDA, fp16 "
+                   "with --protocol ypt; fp32 on CPU)")
     p.add_argument("--weights", choices=("auto", "dtype", "fp8"), default="auto", help="the frozen transformer's "
                    "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
                    "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
     p.add_argument("--offload", choices=("auto", "none", "blocks"), default="auto", help="blocks: the transformer "
                    "blocks stay in pinned CPU memory and are copied to the GPU one ahead on a side stream (outputs "
                    "identical); auto: blocks on a GPU with less free memory than 1.2x the weights, else none (default auto)")
+    p.add_argument("--protocol", choices=("native", "ypt"), default="native", help="native: the input's own size, "
+                   "posterior mean, continuous time; ypt: the released inference protocol (protocol.py: resized to "
+                   "1024x1024 / 480x832, posterior sample, scheduler timesteps, seed 42, truncated uint8, JPEG)")
     args = p.parse_args(argv)
     if args.t0 not in (None, "auto") and not 0 < args.t0 <= 1:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
-    if args.steps < 1:
-        raise UserError("--steps must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {args.samples}")
     if args.window < 9 or args.window % 4 != 1:
         raise UserError(f"--window must be 4k+1 frames with k >= 2 (e.g. 33, 81), got {args.window}")
     if args.window_overlap % 4 or not 4 <= args.window_overlap < args.window - 1:
@@ -94,8 +95,8 @@ def parse_args(argv=None):
     return args
 
 
-def output_path(src, out_dir, suffix):
-    name = f"{src.name}{suffix}" if src.is_dir() else f"{src.stem}{suffix}{src.suffix}"  # frame folders too
+def output_path(src, out_dir, suffix, ext=None):
+    name = f"{src.name}{suffix}" if src.is_dir() else f"{src.stem}{suffix}{ext or src.suffix}"  # frame folders too
     dst = (Path(out_dir) if out_dir else src.parent) / name
     if dst.resolve() == src.resolve():
         raise UserError(f"{src}: the output would overwrite the input; pass another --out or --suffix")
@@ -115,93 +116,44 @@ def collect(inputs, clips):
     return jobs
 
 
-def size_of(kind, src):
-    """(H, W) of an image or a clip (a clip's frames are not all read)."""
-    return load_image(src)[0].shape[-2:] if kind == "image" else probe(src)[2]
-
-
-def tile_starts(size, tile, overlap):
-    """Starts of tiles of length `tile` covering [0, size) with at least `overlap` shared pixels."""
-    if size <= tile:
-        return [0]
-    n = 1 + -(-(size - tile) // (tile - overlap))  # ceil
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
-
-
-def blend_weight(h, w, overlap):
-    """A tile's weight in the blend: 1 inside, ramping linearly to small values over `overlap` pixels."""
-    ramp = lambda n: torch.minimum(torch.arange(n) + 1.0, torch.arange(n, 0, -1.0)).clamp(max=overlap + 1)  # noqa: E731
-    return (ramp(h)[:, None] * ramp(w)[None, :]) / (overlap + 1) ** 2
-
-
-def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch=32):
-    """x: an image [3, H, W] or a clip [T, 3, H, W] in [0, 1] -> restored, same shape.
-
-    Pad the sides to the backbone's multiple (and a clip to 4k+1 frames), sample, crop back. tile > 0
-    restores overlapping tiles of that size (the tiny default was pre-trained at 64 x 64: RoPE positions
-    beyond its training range are a known failure) and blends them with linear ramps."""
-    clip = x.dim() == 4
-    H, W = x.shape[-2:]
-    if clip:
-        T = x.shape[0]
-        x = to_4k1(x).permute(1, 0, 2, 3)  # [3, T', H, W]
-    m = backbone.multiple
-    pad = (0, (-W) % m, 0, (-H) % m) + ((0, 0) if clip else ())  # replicate-pad the sides (not the frames)
-    x = F.pad(x[None], pad, mode="replicate")
-    g = torch.Generator().manual_seed(seed)
-    fns = [lambda x_, tau, bank=bank: backbone.velocity(x_, tau, bank) for bank in prompts]
-    velocity = averaged(fns)
-    if not tile or clip:
-        out = backbone.decode(bridge.sample(velocity, backbone.encode(x), steps, generator=g))[0, ..., :H, :W].cpu()
-        return out.permute(1, 0, 2, 3)[:T] if clip else out
-    Hp, Wp = x.shape[-2:]
-    th, tw = min(tile, Hp), min(tile, Wp)
-    boxes = [(i, j) for i in tile_starts(Hp, th, overlap) for j in tile_starts(Wp, tw, overlap)]
-    out, weight = torch.zeros(3, Hp, Wp), torch.zeros(1, Hp, Wp)
-    w = blend_weight(th, tw, overlap)
-    for k in range(0, len(boxes), batch):  # tiles in batches: bounded memory on any image size
-        chunk = boxes[k:k + batch]
-        tiles = torch.cat([x[..., i:i + th, j:j + tw] for i, j in chunk])
-        restored = backbone.decode(bridge.sample(velocity, backbone.encode(tiles), steps, generator=g)).cpu()
-        for (i, j), r in zip(chunk, restored):
-            out[:, i:i + th, j:j + tw] += w * r
-            weight[:, i:i + th, j:j + tw] += w
-    return (out / weight)[:, :H, :W]
+def read(kind, src, ypt_size=None):
+    """-> (tensor, info): an image [3, H, W] with its mode, or a clip [T, 3, H, W] with its fps. ypt_size (H, W):
+    resized as the released code loads inputs (protocol.py), a clip cut to its first 33 frames."""
+    if ypt_size is None:
+        return load_image(src) if kind == "image" else read_video(src)
+    if kind == "image":
+        return protocol.load_resized(src, ypt_size), None
+    clip, fps = read_video(src)
+    return protocol.resize_frames(clip[:protocol.FRAMES], ypt_size), fps
 
 
 def main(argv=None):
     args = parse_args(argv)
     world = init(args.device)  # under torchrun each process restores its share of the inputs
     args.device = world.device(args.device)
+    ypt = args.protocol == "ypt"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+        args.dtype or (("fp16" if ypt else "bf16") if args.device.startswith("cuda") else "fp32")]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [(kind, src, output_path(src, args.out, args.suffix))
-            for kind, src in collect(args.inputs, args.video or is_wan(args.model))]
+    wan = is_wan(args.model)
+    size = protocol.SIZES["wan" if wan else "flux"] if ypt else None
+    jobs = [(kind, src, output_path(src, args.out, args.suffix, ".jpg" if ypt and kind == "image" else None))
+            for kind, src in collect(args.inputs, args.video or wan)]
     outputs = [dst for *_, dst in jobs]
     if len(set(outputs)) < len(outputs):
         raise UserError("two inputs would write the same output (same name in different folders): pass them separately")
     for kind, src, _ in jobs:  # refuse bad inputs before any work, so nothing is half done
-        H, W = size_of(kind, src)
+        H, W = probe(src)[2] if kind == "clip" and not ypt else read(kind, src, size)[0].shape[-2:]  # clips: not read whole
         if max(H, W) > args.max_size:
-            raise UserError(f"{src} is {W}x{H}, larger than --max-size {args.max_size}: "
-                            "resize it or raise --max-size")
+            raise UserError(f"{src} is {W}x{H}, larger than --max-size {args.max_size}: resize it or raise --max-size")
 
     backbone = load_backbone(args.model, args.device, dtype, weights=args.weights, offload=args.offload)
+    steps, samples = sampler_defaults(backbone.name, args.steps, args.samples, ypt)
     prompt_files = args.prompt or [default_prompt(backbone.name, args.degradation)]
-    prompts = [load_prompt(f, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks).to(backbone.device)
-               for f in prompt_files]
-    kinds = {b.meta.get("bridge", "ebr") for b in prompts}
-    if len(kinds) > 1:
-        raise UserError(f"the prompts were trained with different bridges ({', '.join(sorted(kinds))}); mix only one kind")
-    meta = prompts[0].meta  # with several prompts, the first one's T0 (or T0 curve) is used
-    T0 = args.t0 if args.t0 not in (None, "auto") else float(meta.get("T0", 0.4))
-    bridge = Bridge(kinds.pop(), T0, float(meta.get("t_min", 1e-4)), sigma=float(meta.get("ddbm_sigma", 1.0)))
-    auto = args.t0 == "auto" or (args.t0 is None and "T0_curve" in meta)
-    if auto and "T0_curve" not in meta:
-        print(f"--t0 auto: {prompt_files[0]} has no T0 curve (trained at one T0), so its own T0 {T0:g} is used")
-        auto = False
+    prompts = load_prompts(backbone, prompt_files)
+    t0 = 0.4 if ypt and args.t0 is None else args.t0  # the release samples every prompt from T0 0.4
+    bridge, auto = bridge_for(prompts, t0, prompt_files[0])
 
     from tqdm.auto import tqdm
 
@@ -209,22 +161,25 @@ def main(argv=None):
     if backbone.kind == "flux" and any(kind == "clip" for kind, *_ in jobs):
         raise UserError(f"{backbone.name} restores images; videos need a Wan backbone (--model wan2.1-t2v-1.3b)")
     for kind, src, dst in tqdm(mine, desc="restoring", unit="input", disable=len(mine) < 2 or not world.main):
-        if kind == "image":
-            x, info = load_image(src)
-        else:  # a clip streams: its first window's frames for the strength estimate only
-            x = torch.stack(list(islice(iter_frames(src), args.window))) if auto else None
-        tile = args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
-        b, note = bridge, f"T0 {bridge.T0:g}"
-        if auto:  # adaptive T0: this input's estimated strength, through the prompt's measured curve
-            T0, strength = auto_T0(meta, x)
-            b, note = bridge.at(T0), f"estimated {meta['degradation']} strength {strength:.4f} -> T0 {T0:.3f}"
-        if kind == "image":
-            save_image(restore(backbone, prompts, b, x, args.steps, args.seed, tile=tile), dst, info)
-        else:
+        if kind == "clip" and not ypt:  # streamed in windows: only the first window's frames for the T0 estimate
+            b, note = at_input(bridge, auto, prompts[0].meta,
+                               torch.stack(list(islice(iter_frames(src), args.window))) if auto else None)
             n_frames, fps, _ = probe(src)
             with FrameWriter(dst, fps) as out:
-                restore_stream(backbone, prompts, b, iter_frames(src), n_frames, out.write, args.steps, args.seed,
-                               window=args.window, overlap=args.window_overlap)
+                restore_stream(backbone, prompts, b, iter_frames(src), n_frames, out.write, steps, args.seed,
+                               window=args.window, overlap=args.window_overlap, samples=samples)
+            print(f"{src} -> {dst} ({note})")
+            continue
+        x, info = read(kind, src, size)
+        tile = 0 if ypt else args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
+        b, note = at_input(bridge, auto, prompts[0].meta, x)
+        # ypt: each input as the release's run_single.py restores it, the posterior stream fresh per run
+        stream = protocol.PosteriorStream(backbone.device) if ypt else None
+        restored = restore(backbone, prompts, b, x, steps, args.seed, tile=tile, ypt=stream, samples=samples)
+        if kind == "image":
+            save_image(restored, dst, info) if not ypt else protocol.save_jpeg(restored, dst)
+        else:
+            write_video(protocol.to_uint8(restored).float() / 255 if ypt else restored, dst, fps=info)
         print(f"{src} -> {dst} ({note})")
     barrier(world)
     close(world)

@@ -14,13 +14,20 @@ size, PSNR and SSIM (mean and 95% interval, mean +- 1.96 std / sqrt(n)) of:
   BM3D (noise)            PyPI `bm3d` at the true sigma (bm3d_rgb), a baseline only (pip install bm3d)
   no prompt               the frozen model sampled with the EBR sampler from the shipped prompt's T0
   shipped prompt          weights/tiny/prompts/<degradation>.safetensors, exactly as `python sample.py` runs it
-                          (its bridge from the file, its T0 or, with a T0 curve, --t0 auto per image; 20 steps,
-                          64 px tiles blended); "no prompt" uses the same T0s
-  --prompt NAME=FILE      any other prompt files (a T0 sweep, the baseline bridges), sampled the same way
+                          (its bridge from the file, its T0 or, with a T0 curve, --t0 auto per image; sample.py's
+                          steps and samples, 64 px tiles blended); "no prompt" uses the same T0s and sampler;
+                          when sample.py's sampler is not the released one (1 sample of 20 steps), that too
+  DnCNN                   with --dncnn-seconds S: dncnn.py trained from scratch for S seconds of wall clock on
+                          exactly train.py's batches for the degradation (training photographs, 64 px, seed 0),
+                          so with S = a prompt's training time the two are compared at equal cost
+  --prompt NAME=FILE      any other prompt files (a T0 sweep, the baseline bridges), sampled the same way, each
+                          scored on the degradation its file was trained for
 Paired differences (same images, same sampler noise): every row minus the shipped prompt. The targets table reads
-the issue's noise targets off them: shipped prompt - Gaussian filter >= 1 dB, shipped prompt - BM3D >= -2 dB.
-Outputs in --out: results.md, results.json, grid-<degradation>-<level>.png (input | best classical | BM3D (noise;
-else no prompt) | no prompt | shipped prompt | clean; the first 4 crops of the smallest size).
+the issue's noise targets off them: shipped prompt - Gaussian filter >= 1 dB, shipped prompt - BM3D >= -2 dB. The
+bridges table (the paper's bridge comparison) pairs every fixed-T0 EBR prompt with each naive or DDBM prompt of the
+same degradation and T0: EBR - baseline.
+Outputs in --out: results.md, results.json, grid-<degradation>-<level>.png (one column per row of the table in its
+order, the shipped prompt moved last, then clean; the first 4 crops of the smallest size).
 """
 import argparse
 import datetime
@@ -39,17 +46,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "benchmarks"))
 
 import classical  # noqa: E402
+import dncnn  # noqa: E402
+import train  # noqa: E402
 from replicate import interval, prompt_bridge, restore_set, save_grid  # noqa: E402
 from minirestore import UserError  # noqa: E402
 from minirestore.backbone import load_backbone  # noqa: E402
 from minirestore.bridge import Bridge  # noqa: E402
 from minirestore.cli import Help, run  # noqa: E402
+from minirestore.data import CleanPhotos  # noqa: E402
 from minirestore.degrade import DEGRADATIONS  # noqa: E402
+from minirestore.distributed import World  # noqa: E402
 from minirestore.metrics import psnr, ssim  # noqa: E402
 from minirestore.photos import PhotoCrops  # noqa: E402
 from minirestore.prompts import load_prompt  # noqa: E402
 from minirestore.strength import auto_T0  # noqa: E402
-from sample import default_prompt  # noqa: E402
+from sample import default_prompt, sampler_defaults  # noqa: E402
 
 LEVELS = {  # degradation -> the test levels (inside the ranges train.py's prompts train on)
     "noise": [dict(sigma=0.05), dict(sigma=0.1), dict(sigma=0.2)],  # additive Gaussian, std of [0, 1]
@@ -70,7 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--images", default="50,20", help="test crops per size (one number, or one per size)")
     p.add_argument("--val-images", type=int, default=20, help="val-photo crops (64 px) that tune the classical filters")
     p.add_argument("--prompt", action="append", default=[], metavar="NAME=FILE", help="another prompt to evaluate")
-    p.add_argument("--sample-steps", type=int, default=20, help="sampler steps (sample.py's default)")
+    p.add_argument("--dncnn-seconds", type=float, default=0,
+                   help="train and score a DnCNN for this many seconds per degradation (0: not run); cached in --out")
+    p.add_argument("--steps", type=int, help="sampler steps of every learned row (default: sample.py's)")
+    p.add_argument("--samples", type=int, help="restorations averaged per image (default: sample.py's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "photos"), help="results and grids")
     p.add_argument("--device", default="cpu", help="torch device")
     args = p.parse_args(argv)
@@ -87,6 +101,17 @@ def parse_args(argv=None):
     if any(len(x) != 2 for x in args.prompt):
         raise UserError("--prompt takes NAME=FILE, e.g. noise-t0.2=runs/noise-t0.2.safetensors")
     return args
+
+
+def load_prompts(args, backbone):
+    """--prompt NAME=FILE entries -> (name, path, PromptBank); each is scored on its file's degradation."""
+    banks = [(name, path, load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks))
+             for name, path in args.prompt]
+    for name, path, bank in banks:
+        if bank.meta.get("degradation") not in args.degradations:
+            raise UserError(f"--prompt {name}={path}: trained for {bank.meta.get('degradation')!r}, which is not "
+                            f"in --degradations {','.join(args.degradations)}")
+    return banks
 
 
 def held_out(photos, base, n, size, degradation, level):
@@ -108,6 +133,21 @@ def bm3d_rows(degraded, sigma):
     return torch.stack(out).float().clamp(0, 1), f"bm3d_rgb at the true sigma {sigma:g}"
 
 
+def train_dncnn(args, degradation):
+    """The DnCNN for one degradation, trained on train.py's batches for --dncnn-seconds; cached in --out."""
+    path = Path(args.out) / "dncnn" / f"{degradation}-{args.dncnn_seconds:g}s.pt"
+    if path.exists():
+        model, info = dncnn.load(path)
+        return model, info
+    photos = CleanPhotos("train", train.PHOTO_ITEMS, degradation, 64, seed=0)
+    next_batch = lambda step: train.batch_at(photos, step, 8, 0, World())[:2]  # noqa: E731
+    print(f"== training the DnCNN for {degradation}: {args.dncnn_seconds:g} s", flush=True)
+    model, steps, seconds = dncnn.train_dncnn(next_batch, args.dncnn_seconds, dncnn.DnCNNConfig(batch_size=8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dncnn.save(model, path, steps=steps, seconds=seconds)
+    return model, dict(steps=steps, seconds=seconds)
+
+
 def label(level):
     return " ".join(f"{k} {v:g}" if not isinstance(v, str) else v for k, v in level.items())
 
@@ -124,27 +164,46 @@ def evaluate(args, backbone, degradation, level, size, n, val_photos, test_photo
         x, note = bm3d_rows(degraded, level["sigma"])
         if x is not None:
             methods.append(("BM3D", x, note))
+    if args.dncnn_seconds > 0:
+        model, info = train_dncnn(args, degradation)
+        with torch.no_grad():
+            x = torch.cat([model(degraded[i:i + 8]) for i in range(0, n, 8)]).clamp(0, 1)
+        methods.append(("DnCNN", x, f"{info['steps']} steps in {info['seconds']:.0f} s, trained from scratch"))
     shipped = load_prompt(default_prompt(backbone.name, degradation), backbone=backbone.name, D=backbone.D,
                           n_blocks=backbone.n_blocks)
     bridge = prompt_bridge(shipped)
     T0s = [auto_T0(shipped.meta, x)[0] for x in degraded] if "T0_curve" in shipped.meta else None  # --t0 auto
-    none = restore_set(backbone, None, Bridge("ebr", bridge.T0), degraded, args.sample_steps, T0s=T0s)
-    restored = restore_set(backbone, shipped, bridge, degraded, args.sample_steps, T0s=T0s)
+    S, K = args.steps, args.samples
+    none = restore_set(backbone, None, Bridge("ebr", bridge.T0), degraded, S, T0s=T0s, samples=K)
     T0 = f"T0 {bridge.T0:g}" if T0s is None else f"auto T0 {np.mean(T0s):.2f} ± {np.std(T0s):.2f}"
     methods.append((f"no prompt ({T0})", none, "frozen model, EBR sampler"))
-    methods.append((f"shipped prompt ({bridge.kind}, {T0})", restored, "what sample.py runs"))
-    for name, path in args.prompt:
-        bank = load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks)
+    if (S, K) != (20, 1):  # the released sampler, for reference
+        methods.append((f"shipped prompt, 1 sample of 20 steps ({T0})",
+                        restore_set(backbone, shipped, bridge, degraded, 20, T0s=T0s), "the released sampler"))
+    restored = restore_set(backbone, shipped, bridge, degraded, S, T0s=T0s, samples=K)
+    methods.append((f"shipped prompt ({bridge.kind}, {T0})", restored,
+                    f"what sample.py runs: mean of {K} samples of {S} steps"))
+    learned = [] if T0s is not None else [(bridge.kind, bridge.T0, len(methods) - 1)]  # fixed-T0 prompts
+    for name, path, bank in args.prompt:
+        if bank.meta.get("degradation") != degradation:
+            continue  # a prompt is scored on the degradation it was trained for
         b = prompt_bridge(bank)
-        methods.append((f"{name} ({b.kind}, T0 {b.T0:g})", restore_set(backbone, bank, b, degraded, args.sample_steps),
+        methods.append((f"{name} ({b.kind}, T0 {b.T0:g})", restore_set(backbone, bank, b, degraded, S, samples=K),
                         str(path)))
+        learned.append((b.kind, b.T0, len(methods) - 1))
     ref = psnr(restored, clean)
-    rows = []
-    for method, x, note in methods:
-        p = psnr(x, clean)
+    rows, scores = [], [psnr(x, clean) for _, x, _ in methods]
+    for (method, x, note), p in zip(methods, scores):
         rows.append(dict(degradation=degradation, level=label(level), size=size, n=n, method=method,
-                         psnr=interval(p), ssim=interval(ssim(x, clean)), dpsnr=interval(p - ref), note=note))
-    return rows, [degraded, methods[1][1], methods[2][1], none, restored, clean]  # [2]: BM3D if run, else none
+                         psnr=interval(p), ssim=interval(ssim(x, clean)), dpsnr=interval(p - ref), note=note,
+                         reference=x is restored))
+    # The paper's bridge comparison (its Table 5): EBR minus each baseline bridge at the same T0, paired.
+    bridges = [dict(degradation=degradation, level=label(level), size=size, n=n, T0=T0, baseline=kind,
+                    ebr=methods[i][0], other=methods[j][0], dpsnr=interval(scores[i] - scores[j]))
+               for ebr_kind, T0, i in learned if ebr_kind == "ebr"
+               for kind, T, j in learned if kind != "ebr" and T == T0]
+    grid = [x for method, x, _ in methods if x is not restored] + [restored, clean]  # the shipped prompt last
+    return rows, bridges, grid
 
 
 def table(rows):
@@ -153,13 +212,15 @@ def table(rows):
     for r in rows:
         lines.append(f"| {r['degradation']} {r['level']} | {r['size']} (n {r['n']}) | {r['method']} | "
                      "{:.2f} ± {:.2f} | {:.3f} ± {:.3f} | ".format(*r["psnr"], *r["ssim"])
-                     + ("" if r["method"].startswith("shipped") else "{:+.2f} ± {:.2f}".format(*r["dpsnr"]))
+                     + ("" if r.get("reference") else "{:+.2f} ± {:.2f}".format(*r["dpsnr"]))
                      + f" | {r['note']} |")
     return "\n".join(lines)
 
 
 def targets(rows):
     """The issue's noise targets from the paired differences: prompt - filter >= 1 dB, prompt - BM3D >= -2 dB."""
+    if not any(r["degradation"] == "noise" for r in rows):
+        return ""
     lines = ["| noise | size | shipped prompt - best classical (target >= +1 dB) | shipped prompt - BM3D "
              "(target >= -2 dB) |", "|---|---|---|---|"]
     for r in rows:
@@ -177,6 +238,20 @@ def targets(rows):
     return "\n".join(lines)
 
 
+def bridge_table(bridges):
+    """EBR - naive and EBR - DDBM at the same T0 (paired PSNR differences); empty without baseline prompts."""
+    if not bridges:
+        return ""
+    lines = ["| degradation | size | T0 | EBR prompt | baseline prompt | EBR - baseline, PSNR (dB) | EBR ahead? |",
+             "|---|---|---|---|---|---|---|"]
+    for r in bridges:
+        mean, half = r["dpsnr"]
+        verdict = "yes" if mean - half > 0 else "no" if mean + half < 0 else "tie (interval spans 0)"
+        lines.append(f"| {r['degradation']} {r['level']} | {r['size']} (n {r['n']}) | {r['T0']:g} | {r['ebr']} | "
+                     f"{r['other']} | {mean:+.2f} ± {half:.2f} | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     command = ("python benchmarks/photos.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     args = parse_args(argv)
@@ -186,22 +261,25 @@ def main(argv=None):
     val_photos, test_photos = PhotoCrops("val"), PhotoCrops(args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    args.prompt = load_prompts(args, backbone)
+    steps, samples = sampler_defaults(backbone.name)
+    args.steps, args.samples = args.steps or steps, args.samples or samples
+    rows, bridges = [], []
     for degradation in args.degradations:
         for level in LEVELS[degradation]:
             for size, n in zip(args.sizes, args.images):
                 print(f"== {degradation} {label(level)}, {n} crops of {size} px", flush=True)
-                r, columns = evaluate(args, backbone, degradation, level, size, n, val_photos, test_photos)
-                rows += r
+                r, b, columns = evaluate(args, backbone, degradation, level, size, n, val_photos, test_photos)
+                rows, bridges = rows + r, bridges + b
                 if size == min(args.sizes):
                     save_grid(columns, out / f"grid-{degradation}-{label(level).replace(' ', '')}.png")
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     md = "\n".join([f"# The tiny default on held-out photographs", "", f"Command: `{command}`", "",
                     f"Date: {when}; device: {args.device}, {torch.get_num_threads()} threads; total "
                     f"{time.time() - start:.0f} s. Scored on the {args.split} photographs: {', '.join(test_photos.names)}.", "",
-                    table(rows), "", targets(rows), ""])
+                    table(rows), "", targets(rows), "", bridge_table(bridges), ""])
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(dict(command=command, rows=rows), indent=1))
+    (out / "results.json").write_text(json.dumps(dict(command=command, rows=rows, bridges=bridges), indent=1))
     print("\n" + md)
     return 0
 

@@ -8,7 +8,8 @@ of `ae.safetensors`: `encoder.down.{i}.block.{j}.conv1`, `decoder.up.{i}.upsampl
     decode: z -> z / scale_factor + shift_factor -> decoder -> x in (about) [-1, 1]
 
 The reference's `DiagonalGaussian(sample=False)` returns the posterior mean, so encoding is
-deterministic; there is no quant_conv / post_quant_conv.
+deterministic; there is no quant_conv / post_quant_conv. `encode(x, sample=True)` draws from the posterior
+instead, mean + exp(logvar / 2) * n (diffusers `latent_dist.sample()`, which YPT's released inference uses).
 
 Images whose longer side exceeds `tiles.above` (1024 px) are encoded and decoded in overlapping tiles
 with blended seams (tiling.py): close to, not equal to, the untiled pass; `ae.tiles = None` turns it off.
@@ -194,15 +195,21 @@ class AutoEncoder(nn.Module):
     def downsample_factor(self):
         return 2 ** (len(self.config.ch_mult) - 1)
 
-    def encode(self, x):
-        """x: [B, in_channels, H, W] in [-1, 1], H and W multiples of 8 (FLUX) -> z: [B, z_channels, H/8, W/8]."""
+    def encode(self, x, sample=False, generator=None):
+        """x: [B, in_channels, H, W] in [-1, 1], H and W multiples of 8 (FLUX) -> z: [B, z_channels, H/8, W/8].
+        sample=True: a posterior draw with `generator` instead of the mean."""
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"the autoencoder needs image sizes that are multiples of {f}, "
                              f"got {x.shape[-2]}x{x.shape[-1]}: crop or pad the image first")
-        if self._tiled(*x.shape[-2:]):
-            return tiled(lambda tile, at: self._encode(tile), x, self.tiles, 1 / f, f)
-        return self._encode(x)
+        # the moments (mean; logvar) of the whole image, from tiles when it is large; then the mean or a draw
+        moments = tiled(lambda tile, at: self.encoder(tile), x, self.tiles, 1 / f, f) if self._tiled(*x.shape[-2:]) \
+            else self.encoder(x)
+        mean = moments[:, : self.config.z_channels]  # DiagonalGaussian(sample=False): the mean
+        if sample:  # diffusers clamps logvar to [-30, 20]
+            std = torch.exp(0.5 * moments[:, self.config.z_channels:].float().clamp(-30.0, 20.0))
+            mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.config.scale_factor * (mean - self.config.shift_factor)
 
     def decode(self, z):
         f = self.downsample_factor
@@ -212,10 +219,6 @@ class AutoEncoder(nn.Module):
 
     def _tiled(self, H, W):
         return self.tiles is not None and self.tiles.wanted(H, W)
-
-    def _encode(self, x):
-        mean = self.encoder(x)[:, : self.config.z_channels]  # DiagonalGaussian(sample=False): the mean
-        return self.config.scale_factor * (mean - self.config.shift_factor)
 
     def _decode(self, z):
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)

@@ -68,12 +68,13 @@ class Backbone:
         return PromptBank(self.K, self.D, self.n_blocks, generator=generator).to(self.device)
 
     @torch.no_grad()
-    def encode(self, images):
-        """Images [B, 3, H, W] (or Wan clips [B, 3, F, H, W]) in [0, 1] -> latents (fp32)."""
+    def encode(self, images, generator=None):
+        """Images [B, 3, H, W] (or Wan clips [B, 3, F, H, W]) in [0, 1] -> latents (fp32): the posterior mean,
+        or with a generator a posterior sample (protocol.py)."""
         x = images.to(self.device, torch.float32) * 2 - 1
         if self.kind == "wan" and x.dim() == 4:
             x = x[:, :, None]  # an image is a clip of one frame
-        return self.vae.encode(x).float()
+        return self.vae.encode(x, sample=generator is not None, generator=generator).float()
 
     @torch.no_grad()
     def decode(self, latents):
@@ -89,8 +90,10 @@ class Backbone:
             if self._wan_context is None:  # the base keys/values of the constant null context, once
                 with torch.no_grad():
                     self._wan_context = self.model.precompute_context(self.context["context"].to(self.device))
-            # The released code feeds the nearest of 1000 scheduler timesteps; tau x 1000 is that, unrounded.
-            return self.model(x.to(self.device), tau.to(self.device).float() * 1000, self._wan_context, prompt).float()
+            # The released code feeds the nearest of 1000 scheduler timesteps; tau x 1000 is that, unrounded
+            # (protocol.py feeds it exactly). The product in float64 rounds to fp32 once, as fp32 would.
+            t = (tau.to(self.device).double() * 1000).float()
+            return self.model(x.to(self.device), t, self._wan_context, prompt).float()
         from .flux import pack, prepare_ids, unpack
 
         B, _, h, w = x.shape

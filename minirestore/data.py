@@ -112,6 +112,12 @@ def save_image(x, path, info=None):
     kwargs = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
     if info is not None and info.get("icc_profile"):
         kwargs["icc_profile"] = info["icc_profile"]
+    atomic_save(im, path, fmt, **kwargs)
+
+
+def atomic_save(im, path, fmt, **kwargs):
+    """PIL image -> file, through a temporary file in the same folder and os.replace."""
+    path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"{path.parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")

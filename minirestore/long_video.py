@@ -50,13 +50,14 @@ def ramp(n, up, down):
 
 @torch.no_grad()
 def restore_stream(backbone, prompts, bridge, frames, n_frames, write, steps=20, seed=0, window=81, overlap=16,
-                   stats=None):
+                   stats=None, samples=1):
     """Restore a clip that streams in and out: frames yields [3, H, W] in [0, 1] (n_frames of them), write(f)
     receives the restored frames [m, 3, H, W] in order (n_frames in all).
 
     window: frames per window (4k + 1), overlap: frames shared by neighbouring windows (a multiple of 4).
     stats: a dict that gets the most input frames held at once (`frames_held`) and the most latent frames
-    held (`latents_held`), both independent of the clip's length.
+    held (`latents_held`), both independent of the clip's length. samples > 1 averages that many restorations
+    of each window from successive start noises, in latent space (restore.restore averages decoded images).
     """
     if window % 4 != 1:
         raise UserError(f"--window must be 4k+1 frames (e.g. 33, 81), got {window}")
@@ -103,7 +104,7 @@ def restore_stream(backbone, prompts, bridge, frames, n_frames, write, steps=20,
         Y = backbone.encode(x)
         del x
         g = torch.Generator().manual_seed(seed + w)
-        X0 = bridge.sample(velocity, Y, steps, generator=g).float().cpu()  # [1, C, 1 + k, h, w]
+        X0 = sum(bridge.sample(velocity, Y, steps, generator=g).float() for _ in range(samples)).cpu() / samples
         # blend latents j in [lo, m + k]: lo = m + 1, or 0 for the first window
         lo = 0 if m == 0 else m + 1
         part = X0[:, :, lo - m:]

@@ -8,7 +8,7 @@ an 11x11 Gaussian window (sigma 1.5, truncated at 3.5 sigma) and the population 
 skimage's `gaussian_weights=True, sigma=1.5, use_sample_covariance=False`.
 
 Both take images in [0, 1] as [B, C, H, W] (or [C, H, W]) and return one value per image, [B], in
-fp64 (on the images' device).
+fp64 (on the images' device). `to_y` gives the luma channel many restoration papers score instead of RGB.
 """
 import torch
 import torch.nn.functional as F
@@ -81,3 +81,11 @@ def to_unit(x):
     """[-1, 1] (the autoencoder's range) -> [0, 1], clamped, for the metrics above."""
     return ((x + 1) / 2).clamp(0, 1)
 
+
+
+def to_y(x):
+    """RGB [B, 3, H, W] in [0, 1] -> BT.601 luma [B, 1, H, W] in [16/255, 235/255], as skimage's rgb2ycbcr
+    (and MATLAB's rgb2ycbcr, which most restoration papers' Y-channel PSNR/SSIM use) divided by 255:
+    Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255."""
+    w = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64, device=x.device)
+    return ((16 + torch.einsum("bchw,c->bhw", x.double(), w)) / 255)[:, None]

@@ -64,7 +64,7 @@ def save_prompt(bank, path, **meta):
 
 
 def load_prompt(path, backbone=None, K=None, D=None, n_blocks=None):
-    """Read a prompt file; check it fits the backbone (name, K, D, number of blocks) when given."""
+    """Read a prompt file; check it fits the backbone (name, length K, width D, number of blocks) when given."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist: train one with train.py or pass --prompt FILE")
@@ -85,6 +85,9 @@ def load_prompt(path, backbone=None, K=None, D=None, n_blocks=None):
     if backbone is not None and name is not None and name != backbone:
         raise UserError(f"{path} was trained for the backbone {name}, not {backbone}: pass --model {name} "
                         "or a prompt trained for this backbone")
+    if K is not None and K != P.shape[1]:  # the release pads/cuts a FLUX prompt to 512 silently; we say so
+        raise UserError(f"{path} does not fit the backbone {backbone or ''}: its prompt length K is {P.shape[1]} "
+                        f"tokens, the backbone's text context is {K} (FLUX 512, Wan 226): use a prompt made for it")
     for what, want, have in [("width D", D, P.shape[2]), ("number of blocks", n_blocks, alpha.shape[0])]:
         if want is not None and want != have:
             raise UserError(f"{path} does not fit the backbone {backbone or ''}: its {what} is {have}, "

@@ -51,7 +51,7 @@ class PixelCodec(nn.Module):
     SCALE = 2.0
     downsample_factor = 2
 
-    def encode(self, x):
+    def encode(self, x, sample=False, generator=None):  # a fixed map: its "posterior" is a point
         return self.SCALE * F.pixel_unshuffle(x, 2)  # [B, 3, H, W] -> [B, 12, H/2, W/2]
 
     def decode(self, z):

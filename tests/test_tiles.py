@@ -36,3 +36,35 @@ def test_tiled_restore_matches_untiled_when_one_tile_covers(backbone_dir):
     torch.testing.assert_close(one_tile, whole, atol=1e-5, rtol=1e-5)
     tiled = restore(bb, [bank], bridge, x, 3, seed=1, tile=12, overlap=4, batch=2)
     assert tiled.shape == (3, 20, 24) and torch.isfinite(tiled).all() and tiled.min() >= 0 and tiled.max() <= 1
+
+
+def test_samples_average_restorations_from_successive_noises(backbone_dir):
+    """--samples K: the mean of K restorations, the first being the K = 1 one; the others start from the
+    next draws of the same generator, so they differ from it."""
+    bb = load_backbone(backbone_dir)
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    bridge, bank = Bridge("ebr", 0.5), bb.new_prompt()
+    one = restore(bb, [bank], bridge, x, 2, seed=3)
+    two = restore(bb, [bank], bridge, x, 2, seed=3, samples=2)
+    g = torch.Generator().manual_seed(3)
+    Y = bb.encode(x[None])
+    runs = [bb.decode(bridge.sample(lambda x_, tau: bb.velocity(x_, tau, bank), Y, 2, generator=g))[0] for _ in range(2)]
+    torch.testing.assert_close(one, runs[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(two, (runs[0] + runs[1]) / 2, atol=1e-6, rtol=1e-6)
+    assert (runs[0] - runs[1]).abs().max() > 1e-3  # different start noises
+
+
+def test_sampler_defaults():
+    from minirestore.restore import sampler_defaults
+    assert sampler_defaults("tiny") == (5, 4)  # the tiny default's measured budget split
+    assert sampler_defaults("flux-dev") == (20, 1)  # the released sampler
+    assert sampler_defaults("tiny", ypt=True) == (20, 1)
+    assert sampler_defaults("tiny", steps=7) == (7, 4) and sampler_defaults("flux-dev", samples=2) == (20, 2)
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--steps"])
+def test_sampler_flags_must_be_positive(flag):
+    from minirestore import UserError
+    from sample import parse_args
+    with pytest.raises(UserError, match=f"{flag} must be at least 1"):
+        parse_args(["x.png", flag, "0"])
