@@ -1,7 +1,8 @@
 """fp8 weights (fp8.py): e4m3 with per-output-channel scales, quantised while loading; the upcast path is
 exactly the model whose weights are the dequantised ones (outputs and the prompt's gradient), the scaled_mm
 path is close to it; fp8 is close to the full-precision model on tiny random FLUX and Wan, and the tiny
-default restores as well with fp8 weights (within 0.5 dB)."""
+default restores as well with fp8 weights (within 0.5 dB; measured 2026-12-02 on one held-out 96 px crop at
+sigma 0.1, 10 steps, 1 sample: 27.05 dB default, 27.02 dB fp8, 20.32 dB noisy)."""
 import subprocess
 import sys
 import weakref
