@@ -17,14 +17,13 @@ the tensors fp8 leaves in bf16 (modulation, embeddings, norms) stay mapped like 
 """
 import argparse
 import json
-import os
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch

@@ -88,7 +88,6 @@ def vae_child():
         z = ae.encode(x)
         out["flux_encode"] = peak_anon(lambda: ae.encode(x)) / 256 ** 2
         out["flux_decode"] = peak_anon(lambda: ae.decode(z)) / 256 ** 2
-        del ae
         vae = WanVAE().eval()
         v = torch.rand(1, 3, 5, 128, 128) * 2 - 1
         zv = vae.encode(v)
@@ -133,10 +132,10 @@ def rows(vae):
             act = c.num_layers * L * c.dim * 4 + 3 * wan_block(L, c.dim, c.ffn_dim) if train else wan_block(L, c.dim, c.ffn_dim)
             codec = max(vae["wan_encode"], 0 if train else vae["wan_decode"]) * 480 * 832
             w = dict(wan_w[name])
-            if train:  # offload: autograd keeps every block's cross-attention k/v weights (bf16) for the prompt's gradient
-                kept = c.num_layers * 2 * c.dim ** 2 * 2
-                w["offload"] += kept
-                w["fp8+offload"] += kept
+            if train:  # autograd keeps every block's cross-attention k/v weights (bf16) for the prompt's gradient:
+                kept = c.num_layers * 2 * c.dim ** 2 * 2  # extra copies when they are fp8 (upcast) or offloaded
+                for m in ("fp8", "offload", "fp8+offload"):
+                    w[m] += kept
             out.append((name, task, w, wan_vae_w + act + codec))
     return out
 

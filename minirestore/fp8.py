@@ -17,6 +17,8 @@ quantised per row and multiplied with `torch._scaled_mm` (fp8 x fp8 -> bf16, bot
 epilogue). Elsewhere (CPU included) each layer upcasts its weight to W' just for its own matmul. Either way the
 backward pass (the prompt's gradient) multiplies by W' in the compute dtype: with the upcast path the model is
 exactly the bf16 model whose weights are W'. `MATMUL` forces a path ("scaled_mm" or "upcast"; "auto" picks).
+Training saves memory only with gradient checkpointing (train.py's default on CUDA): otherwise autograd keeps
+each layer's upcast W' for the backward.
 """
 import torch
 import torch.nn.functional as F
@@ -88,7 +90,8 @@ class FP8Linear(nn.Module):
         return dequantise(self.qweight, self.weight_scale, self.compute_dtype)
 
     def forward(self, x):
-        if scaled_mm_supported(x) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+        # _scaled_mm wants sides that are multiples of 16, and row-wise scales give bf16 out on CUDA
+        if scaled_mm_supported(x) and x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             y = _ScaledMM.apply(x, self.qweight, self.weight_scale, x.dtype)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, dequantise(self.qweight, self.weight_scale, x.dtype),

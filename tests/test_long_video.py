@@ -2,7 +2,6 @@
 to disk; one window covering the clip is exactly the unwindowed restore, and memory does not grow with length."""
 import sys
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
