@@ -17,8 +17,11 @@ kept), and so is an animated image (GIF, APNG, WebP); with FLUX a folder is a se
 animated image has every frame restored on its own. Either way it comes back animated, frame timing kept.
 --protocol ypt restores as the released code does (resized to 1024x1024 or 480x832, posterior sample,
 scheduler timesteps, noise seed 42, truncated JPEG; protocol.py).
+Clips stream from and to disk in overlapping windows of --window frames blended in latent space
+(long_video.py), so memory does not grow with a clip's length.
 """
 import argparse
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -31,7 +34,8 @@ from minirestore.data import (ANIMATED_FORMATS, IMAGE_EXTS, frame_count, image_f
 from minirestore.distributed import barrier, close, init
 from minirestore.restore import (TINY_TILE, at_input, blend_weight, bridge_for, default_prompt, load_prompts,  # noqa: F401
                                  restore, sampler_defaults, tile_starts)  # (benchmarks and tests import restore's names from here)
-from minirestore.video import VIDEO_SUFFIXES, read_video, write_video
+from minirestore.long_video import restore_stream
+from minirestore.video import VIDEO_SUFFIXES, FrameWriter, iter_frames, probe, read_video, write_video
 
 
 def t0_arg(text):
@@ -66,10 +70,20 @@ def parse_args(argv=None):
     p.add_argument("--suffix", default="_restored", help="added to each output's file name when --out is a folder")
     p.add_argument("--max-size", type=int, default=2048, help="refuse images whose longer side is larger")
     p.add_argument("--tile", type=int, help="restore in overlapping tiles of this size (default: 64 for tiny, off otherwise)")
+    p.add_argument("--window", type=int, default=81, help="clips: frames per temporal window (4k+1); longer clips "
+                   "are restored in overlapping windows blended in latent space")
+    p.add_argument("--window-overlap", type=int, default=16, help="clips: frames shared by neighbouring windows "
+                   "(a multiple of 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights' dtype (default: bf16 on CUDA, fp16 "
                    "with --protocol ypt; fp32 on CPU)")
+    p.add_argument("--weights", choices=("auto", "dtype", "fp8"), default="auto", help="the frozen transformer's "
+                   "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
+                   "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
+    p.add_argument("--offload", choices=("auto", "none", "blocks"), default="auto", help="blocks: the transformer "
+                   "blocks stay in pinned CPU memory and are copied to the GPU one ahead on a side stream (outputs "
+                   "identical); auto: blocks on a GPU with less free memory than 1.2x the weights, else none (default auto)")
     p.add_argument("--protocol", choices=("native", "ypt"), default="native", help="native: the input's own size, "
                    "posterior mean, continuous time; ypt: the released inference protocol (protocol.py: resized to "
                    "1024x1024 / 480x832, posterior sample, scheduler timesteps, seed 42, truncated uint8, JPEG)")
@@ -80,6 +94,10 @@ def parse_args(argv=None):
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
+    if args.window < 9 or args.window % 4 != 1:
+        raise UserError(f"--window must be 4k+1 frames with k >= 2 (e.g. 33, 81), got {args.window}")
+    if args.window_overlap % 4 or not 4 <= args.window_overlap < args.window - 1:
+        raise UserError(f"--window-overlap must be a multiple of 4 from 4 to {args.window - 5}, got {args.window_overlap}")
     return args
 
 
@@ -171,12 +189,11 @@ def main(argv=None):
     size = protocol.SIZES["wan" if wan else "flux"] if ypt else None
     jobs = plan(collect(args.inputs, args.video or wan), args.out, args.suffix, ypt)
     for kind, src, _ in jobs:  # refuse bad inputs before any work, so nothing is half done
-        x, _ = read(kind, src, size)
-        if max(x.shape[-2:]) > args.max_size:
-            raise UserError(f"{src} is {x.shape[-1]}x{x.shape[-2]}, larger than --max-size {args.max_size}: "
-                            "resize it or raise --max-size")
+        H, W = probe(src)[2] if kind == "clip" and not ypt else read(kind, src, size)[0].shape[-2:]  # clips: not read whole
+        if max(H, W) > args.max_size:
+            raise UserError(f"{src} is {W}x{H}, larger than --max-size {args.max_size}: resize it or raise --max-size")
 
-    backbone = load_backbone(args.model, args.device, dtype)
+    backbone = load_backbone(args.model, args.device, dtype, weights=args.weights, offload=args.offload)
     steps, samples = sampler_defaults(backbone.name, args.steps, args.samples, ypt)
     prompt_files = args.prompt or [default_prompt(backbone.name, args.degradation)]
     prompts = load_prompts(backbone, prompt_files)
@@ -189,6 +206,15 @@ def main(argv=None):
     if backbone.kind == "flux" and any(kind == "clip" for kind, *_ in jobs):
         raise UserError(f"{backbone.name} restores images; videos need a Wan backbone (--model wan2.1-t2v-1.3b)")
     for kind, src, dst in tqdm(mine, desc="restoring", unit="input", disable=len(mine) < 2 or not world.main):
+        if kind == "clip" and not ypt:  # streamed in windows: only the first window's frames for the T0 estimate
+            b, note = at_input(bridge, auto, prompts[0].meta,
+                               torch.stack(list(islice(iter_frames(src), args.window))) if auto else None)
+            n_frames, fps, _ = probe(src)
+            with FrameWriter(dst, fps) as out:
+                restore_stream(backbone, prompts, b, iter_frames(src), n_frames, out.write, steps, args.seed,
+                               window=args.window, overlap=args.window_overlap, samples=samples)
+            print(f"{src} -> {dst} ({note})")
+            continue
         x, info = read(kind, src, size)
         tile = 0 if ypt else args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
         b, note = at_input(bridge, auto, prompts[0].meta, x)

@@ -79,6 +79,12 @@ def parse_args(argv=None):
                    help="recompute each block in the backward pass (auto: on for CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="frozen weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--weights", choices=("auto", "dtype", "fp8"), default="auto", help="the frozen transformer's "
+                   "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
+                   "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
+    p.add_argument("--offload", choices=("auto", "none", "blocks"), default="auto", help="blocks: the transformer "
+                   "blocks stay in pinned CPU memory and are copied to the GPU one ahead on a side stream (outputs "
+                   "identical); auto: blocks on a GPU with less free memory than 1.2x the weights, else none (default auto)")
     args = p.parse_args(argv)
     if not isinstance(args.t0, tuple) and not 0 < args.t0 <= 1:  # a range is checked by Bridge
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
@@ -210,7 +216,7 @@ def main(argv=None):
     for flag, where in (("--out", Path(args.out).parent if args.out else Path("weights")), ("--run-dir", args.run_dir)):
         if where is not None and world.main:  # before any work: an unwritable place fails now, not after training
             writable_folder(where, flag)
-    backbone = load_backbone(args.model, args.device, dtype)
+    backbone = load_backbone(args.model, args.device, dtype, weights=args.weights, offload=args.offload)
     defaults = DEFAULTS.get(backbone.name, DEFAULTS[backbone.kind])
     if data is None and backbone.name != "tiny":
         raise UserError("pass --data: a folder of clean images, or a paired folder with clean/ and degraded/")

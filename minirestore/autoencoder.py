@@ -10,6 +10,9 @@ of `ae.safetensors`: `encoder.down.{i}.block.{j}.conv1`, `decoder.up.{i}.upsampl
 The reference's `DiagonalGaussian(sample=False)` returns the posterior mean, so encoding is
 deterministic; there is no quant_conv / post_quant_conv. `encode(x, sample=True)` draws from the posterior
 instead, mean + exp(logvar / 2) * n (diffusers `latent_dist.sample()`, which YPT's released inference uses).
+
+Images whose longer side exceeds `tiles.above` (1024 px) are encoded and decoded in overlapping tiles
+with blended seams (tiling.py): close to, not equal to, the untiled pass; `ae.tiles = None` turns it off.
 """
 from dataclasses import dataclass, field
 
@@ -18,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+
+from .tiling import Tiles, tiled
 
 
 @dataclass
@@ -184,6 +189,7 @@ class AutoEncoder(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.tiles = Tiles(above=1024, size=768, overlap=64, halo=128)  # image pixels; None: never tile
 
     @property
     def downsample_factor(self):
@@ -196,7 +202,9 @@ class AutoEncoder(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"the autoencoder needs image sizes that are multiples of {f}, "
                              f"got {x.shape[-2]}x{x.shape[-1]}: crop or pad the image first")
-        moments = self.encoder(x)
+        # the moments (mean; logvar) of the whole image, from tiles when it is large; then the mean or a draw
+        moments = tiled(lambda tile, at: self.encoder(tile), x, self.tiles, 1 / f, f) if self._tiled(*x.shape[-2:]) \
+            else self.encoder(x)
         mean = moments[:, : self.config.z_channels]  # DiagonalGaussian(sample=False): the mean
         if sample:  # diffusers clamps logvar to [-30, 20]
             std = torch.exp(0.5 * moments[:, self.config.z_channels:].float().clamp(-30.0, 20.0))
@@ -204,6 +212,15 @@ class AutoEncoder(nn.Module):
         return self.config.scale_factor * (mean - self.config.shift_factor)
 
     def decode(self, z):
+        f = self.downsample_factor
+        if self._tiled(z.shape[-2] * f, z.shape[-1] * f):
+            return tiled(lambda tile, at: self._decode(tile), z, self.tiles, f, 1)
+        return self._decode(z)
+
+    def _tiled(self, H, W):
+        return self.tiles is not None and self.tiles.wanted(H, W)
+
+    def _decode(self, z):
         return self.decoder(z / self.config.scale_factor + self.config.shift_factor)
 
     def forward(self, x):

@@ -14,7 +14,10 @@ Two families sit behind it:
           {"context"}; the model reads time on its 0..1000 scale.
 `load_backbone` builds one from a model name or a local folder holding the transformer
 (`flux.safetensors` or `wan.safetensors`), the codec (`ae.safetensors` / `vae.safetensors`, none for
-the pixel codec) and `context.safetensors`.
+the pixel codec) and `context.safetensors`. weights="fp8" stores the transformer blocks' linears in float8
+e4m3 with per-channel scales, quantised while loading (fp8.py); "auto" does so on a GPU too small for the
+bf16 transformer. offload="blocks" keeps the transformer blocks in CPU memory and streams them to the GPU
+one at a time (offload.py).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +106,54 @@ class Backbone:
         return unpack(v.float(), h, w)
 
 
-def _load_folder(folder, device, dtype):
+WEIGHTS = ("auto", "dtype", "fp8")
+
+
+def transformer_bytes(source):
+    """The transformer's size in bf16 bytes, from the known models' sizes or the folder's file (None if unknown)."""
+    if str(source) in hub.FLUX_HUB:
+        return hub.FLUX_HUB[str(source)][2]
+    if str(source) in hub.WAN_HUB:
+        return hub.WAN_HUB[str(source)][2] / 2  # the released files are fp32
+    folder = TINY_DIR if str(source) == "tiny" else Path(str(source)).expanduser()
+    for name in ("flux.safetensors", "wan.safetensors"):
+        if (folder / name).exists():
+            return (folder / name).stat().st_size
+    return None
+
+
+def pick_weights(weights, source, device):
+    """--weights auto -> "fp8" on a GPU whose free memory is under 1.5 x the bf16 transformer (room for the
+    activations, the codec and the prompt's backward), else "dtype"; CPU: "dtype" (fp8 there saves memory, not time)."""
+    if weights not in WEIGHTS:
+        raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights}")
+    if weights != "auto":
+        return weights
+    size = transformer_bytes(source)
+    if not str(device).startswith("cuda") or size is None:
+        return "dtype"
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return "fp8" if free < 1.5 * size else "dtype"
+
+
+OFFLOAD = ("auto", "none", "blocks")
+
+
+def pick_offload(offload, source, device, weights):
+    """--offload auto -> "blocks" on a GPU whose free memory is under 1.2 x the transformer's weights (in the
+    chosen format: fp8 about 0.6 of bf16), else "none"; CPU: "none"."""
+    if offload not in OFFLOAD:
+        raise UserError(f"--offload must be one of {', '.join(OFFLOAD)}, got {offload}")
+    if offload != "auto":
+        return offload
+    size = transformer_bytes(source)
+    if not str(device).startswith("cuda") or size is None:
+        return "none"
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return "blocks" if free < 1.2 * size * (0.6 if weights == "fp8" else 1.0) else "none"
+
+
+def _load_folder(folder, device, dtype, quantise=None):
     from .context import load_context
 
     ctx_file = folder / "context.safetensors"
@@ -113,7 +163,7 @@ def _load_folder(folder, device, dtype):
     context, meta = load_context(ctx_file)
     name = meta.get("backbone") or folder.name
     if (folder / "flux.safetensors").exists():
-        model = hub.load_flux(folder / "flux.safetensors", device=device, dtype=dtype)
+        model = hub.load_flux(folder / "flux.safetensors", device=device, dtype=dtype, quantise=quantise)
         if (folder / "ae.safetensors").exists():
             vae = hub.load_autoencoder(folder / "ae.safetensors", device=device, dtype=torch.float32)
         elif meta.get("codec") == "pixel2":
@@ -124,7 +174,7 @@ def _load_folder(folder, device, dtype):
             raise UserError(f"{folder} has no ae.safetensors and its context names no pixel codec")
         return "flux", name, model, vae, context
     if (folder / "wan.safetensors").exists():
-        model = hub.load_wan(folder / "wan.safetensors", device=device, dtype=dtype)
+        model = hub.load_wan(folder / "wan.safetensors", device=device, dtype=dtype, quantise=quantise)
         vae_file = next((f for f in (folder / "vae.safetensors", folder / "Wan2.1_VAE.pth") if f.exists()), None)
         if vae_file is None:
             raise UserError(f"{folder} has wan.safetensors but no vae.safetensors")
@@ -137,11 +187,21 @@ def is_wan(source):
     return str(source) in WAN_MODELS or (Path(str(source)).expanduser() / "wan.safetensors").exists()
 
 
-def load_backbone(source, device="cpu", dtype=torch.float32):
-    """A model name ("tiny", "flux-dev", "flux-schnell", "wan2.1-t2v-1.3b", ...) or a backbone folder."""
+def load_backbone(source, device="cpu", dtype=torch.float32, weights="dtype", offload="none"):
+    """A model name ("tiny", "flux-dev", "flux-schnell", "wan2.1-t2v-1.3b", ...) or a backbone folder.
+
+    weights: "dtype" (the transformer in `dtype`), "fp8" (its blocks' linears in float8 e4m3, the rest in
+    `dtype`; fp8.py) or "auto" (pick_weights). offload: "none", "blocks" (the blocks stay on the host and
+    visit `device` one at a time; offload.py) or "auto" (pick_offload)."""
+    from . import fp8
+
+    weights = pick_weights(weights, source, device)
+    quantise = fp8.targets if weights == "fp8" else None
+    offload = pick_offload(offload, source, device, weights)
+    target, device = device, ("cpu" if offload == "blocks" else device)  # offload: load on the host first
     folder = TINY_DIR if str(source) == "tiny" else Path(str(source)).expanduser()
     if folder.is_dir():
-        kind, name, model, vae, context = _load_folder(folder, device, dtype)
+        kind, name, model, vae, context = _load_folder(folder, device, dtype, quantise)
     elif str(source) == "tiny":
         raise UserError(f"the tiny default backbone is not in {TINY_DIR}: reproduce it with "
                         "`python -m minirestore.pretrain` or check out the repository's weights/")
@@ -150,18 +210,24 @@ def load_backbone(source, device="cpu", dtype=torch.float32):
 
         kind, name = "flux", str(source)
         context = base_context(name)
-        model = hub.load_flux(name, device=device, dtype=dtype)
+        model = hub.load_flux(name, device=device, dtype=dtype, quantise=quantise)
         vae = hub.load_autoencoder(name, device=device, dtype=torch.float32)
     elif str(source) in WAN_MODELS:
         from .context import base_context
 
         kind, name = "wan", str(source)
         context = base_context(name, length=WAN_CONTEXT_LENGTH)
-        model = hub.load_wan(name, device=device, dtype=dtype)
+        model = hub.load_wan(name, device=device, dtype=dtype, quantise=quantise)
         vae = hub.load_wan_vae(name, device=device, dtype=torch.float32)
     else:
         raise UserError(f"{source}: not a backbone folder and not a known model "
                         f"(known: tiny, {', '.join(FLUX_MODELS + WAN_MODELS)})")
+    if offload == "blocks":
+        from .offload import offload_blocks
+
+        vae.to(target)
+        offload_blocks(model, target)
+        device = target
     context = {k: v.to(device) for k, v in context.items()}
     if kind == "flux":
         c = model.config

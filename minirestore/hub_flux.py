@@ -135,12 +135,13 @@ def _flux_shapes_from_diffusers(shapes):
     return out
 
 
-def load_flux(source, config=None, device="cpu", dtype=torch.bfloat16, filename=None):
+def load_flux(source, config=None, device="cpu", dtype=torch.bfloat16, filename=None, quantise=None):
     """Load a FLUX.1 transformer from a BFL file, a diffusers `transformer/` folder or a Hub name.
 
     source: "flux-dev", "flux-schnell", "black-forest-labs/FLUX.1-dev", a local .safetensors file,
     a local folder (a diffusers repo or its `transformer/` folder), or a repo id with `filename`.
     config=None infers the FluxConfig from the tensor shapes (and the preset for axes_dim/theta).
+    quantise: see loading.load_model (fp8.targets stores the blocks' linears in fp8).
     """
     from .flux import Flux, FluxConfig
 
@@ -165,7 +166,7 @@ def load_flux(source, config=None, device="cpu", dtype=torch.bfloat16, filename=
             config = flux_config_from_shapes(shapes, preset)
     key_map = flux_diffusers_map(config) if diffusers else None
     return load_model(lambda: Flux(config), ckpt, key_map, what="a FLUX transformer",
-                      device=device, dtype=dtype)
+                      device=device, dtype=dtype, quantise=quantise)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def _wan_files(source, filename):
     return resolve(source, hub_subfolder="transformer")  # a file, a folder, a -Diffusers repo id
 
 
-def load_wan(source, config=None, device="cpu", dtype=torch.bfloat16, filename=None):
+def load_wan(source, config=None, device="cpu", dtype=torch.bfloat16, filename=None, quantise=None):
     """Load a Wan 2.1 transformer from the original format or the diffusers format.
 
     source: "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "Wan-AI/Wan2.1-T2V-1.3B" (original keys,
@@ -128,7 +128,7 @@ def load_wan(source, config=None, device="cpu", dtype=torch.bfloat16, filename=N
     shapes, with the heads from a config.json beside the weights or else head_dim 128 (true of the
     released models; tiny ones need the metadata, a config.json or a config).
     The big weights are cast to `dtype`; the small fp32 islands of the reference (time embedding,
-    modulation, norms, head: `wan.FP32_PARAMS`) stay in fp32.
+    modulation, norms, head: `wan.FP32_PARAMS`) stay in fp32. quantise: see loading.load_model (fp8.targets).
     """
     from .wan import FP32_PARAMS, WanConfig, WanModel
 
@@ -145,7 +145,7 @@ def load_wan(source, config=None, device="cpu", dtype=torch.bfloat16, filename=N
         keys = list(WanModel(config).state_dict())
     key_map = {k: ([rename(k)], None) for k in keys}
     model = load_model(lambda: WanModel(config), ckpt, key_map, what="a Wan 2.1 transformer",
-                       device=device, dtype=dtype)
+                       device=device, dtype=dtype, quantise=quantise)
     if dtype != torch.float32:
         for name, p in model.named_parameters():
             if FP32_PARAMS.fullmatch(name):

@@ -180,12 +180,14 @@ def _first(names, n=5):
     return ", ".join(names[:n]) + more
 
 
-def load_model(make_model, ckpt, key_map=None, *, what, device="cpu", dtype=torch.bfloat16, ignore=()):
+def load_model(make_model, ckpt, key_map=None, *, what, device="cpu", dtype=torch.bfloat16, ignore=(), quantise=None):
     """Build `make_model()` on the meta device and stream `ckpt` into it.
 
     key_map: our key -> (list of file keys, combine function or None); None means identity. A
     combine function takes the list of tensors (e.g. torch.cat for fused projections).
     ignore: regexes of file keys that are allowed to go unused (e.g. a stray `position_ids`).
+    quantise: None, or a function model -> names of nn.Linear modules whose weights are stored in fp8
+    (fp8.py): each such weight is quantised as it streams in, so the bf16 copy never exists whole.
     """
     with torch.device("meta"):
         model = make_model()
@@ -209,6 +211,7 @@ def load_model(make_model, ckpt, key_map=None, *, what, device="cpu", dtype=torc
         raise UserError(f"{files} does not fit {what}: {'; '.join(parts)}. "
                         f"It looks like {describe(ckpt.shapes)}.")
 
+    fp8_weights = {f"{name}.weight" for name in quantise(model)} if quantise else set()
     state = {}
     for key in tqdm(expected, desc=f"loading {what}", unit="tensor", leave=False):
         srcs, combine = key_map[key]
@@ -217,8 +220,18 @@ def load_model(make_model, ckpt, key_map=None, *, what, device="cpu", dtype=torc
         if tuple(t.shape) != expected[key]:
             raise UserError(f"{key}: the checkpoint gives shape {tuple(t.shape)}, {what} expects "
                             f"{expected[key]}. It looks like {describe(ckpt.shapes)}.")
-        state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if key in fp8_weights:
+            from .fp8 import quantise as to_fp8
+
+            name = key[: -len(".weight")]
+            state[f"{name}.qweight"], state[f"{name}.weight_scale"] = to_fp8(t.to(device))
+        else:
+            state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         del tensors, t
+    if fp8_weights:
+        from .fp8 import swap_in
+
+        swap_in(model, [k[: -len(".weight")] for k in fp8_weights], dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

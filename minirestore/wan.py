@@ -13,6 +13,7 @@ real checkpoints). `FP32_PARAMS` names the parameters hub.load_wan keeps in fp32
 """
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -187,7 +188,7 @@ class WanBlock(nn.Module):
 
     def forward(self, x, e0, cos, sin, kv, prompt_kv=None, alpha=None):
         """x: [B, L, D] fp32 residual stream; e0: [B, 6, D] fp32 time projection."""
-        dtype = self.ffn[0].weight.dtype
+        dtype = self.ffn[0].bias.dtype  # the weights' dtype (the bias's: fp8 weights keep their bias in it)
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e0).chunk(6, dim=1)
         h = layer_norm(x, self.eps) * (1 + scale) + shift
         x = x + self.self_attn.self_attention(h.to(dtype), cos, sin).float() * gate
@@ -241,6 +242,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.gradient_checkpointing = False
+        self.resident = lambda block: nullcontext()  # offload.py: a block's weights on the device for a while
 
     @property
     def dtype(self):
@@ -255,7 +257,8 @@ class WanModel(nn.Module):
         ctx = WanContext(c=self.text_embedding(context.to(self.dtype)))
         for block in self.blocks:
             attn = block.cross_attn
-            k_raw, v_raw = attn.k(ctx.c), attn.v(ctx.c)  # [B, L, D]
+            with self.resident(block):
+                k_raw, v_raw = attn.k(ctx.c), attn.v(ctx.c)  # [B, L, D]
             ctx.raw.append((k_raw, v_raw))
             ctx.kv.append((attn.heads(attn.norm_k(k_raw)), attn.heads(v_raw)))  # = attn.kv(c)
         return ctx
@@ -267,7 +270,11 @@ class WanModel(nn.Module):
         P = prompt.prompt
         L, K = ctx.c.shape[1], P.shape[1]
         P = (F.pad(P, (0, 0, 0, L - K)) if K < L else P[:, :L]).to(self.dtype)
-        return [block.cross_attn.prompted_kv(*raw, P) for block, raw in zip(self.blocks, ctx.raw)]
+        out = []
+        for block, raw in zip(self.blocks, ctx.raw):
+            with self.resident(block):
+                out.append(block.cross_attn.prompted_kv(*raw, P))
+        return out
 
     def forward(self, x, t, context, prompt=None):
         """x: [B, in_dim, F, H, W] latents; t: [B] timesteps on the 0..1000 scale; context: [B, L, text_dim]

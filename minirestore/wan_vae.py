@@ -7,7 +7,10 @@ Causality: every temporal convolution only looks back, and frame 0 is compressed
 does it: encode frame 0, then chunks of 4 frames; decode one latent frame at a time. Between chunks
 each causal layer keeps the last frames of its input in `cache`, a dict keyed by the layer, so a
 chunked pass computes exactly what one pass over the whole clip computes (a fresh dict = the start
-of a clip). `chunked=False` runs the clip in one pass (faster, more memory).
+of a clip). `chunked=False` runs the clip in one pass (faster, more memory). Passing the same `state`
+dict to successive `decode` calls decodes a clip's latents a few frames at a time (streaming).
+Clips whose longer side exceeds `tiles.above` (832 px, i.e. beyond 480p) are encoded and decoded in
+overlapping spatial tiles with blended seams (tiling.py); `vae.tiles = None` turns it off.
 """
 from dataclasses import dataclass
 
@@ -16,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import UserError
+from .tiling import Tiles, tiled
 
 # Per-channel latent statistics of the released VAE (Wan `WanVAE`, diffusers `latents_mean/std`).
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -238,6 +242,7 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # -> (mu, log_var)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg)
+        self.tiles = Tiles(above=832, size=512, overlap=64, halo=128)  # image pixels; None: never tile
 
     def _stats(self, like):
         shape = (1, -1, 1, 1, 1)
@@ -254,12 +259,20 @@ class WanVAE(nn.Module):
             raise UserError(f"the VAE needs {tf}k+1 frames and sizes that are multiples of {sf}, got {T} "
                             f"frames of {H}x{W}: trim or pad the clip (video.to_4k1) and resize it")
         video = video.to(self.conv1.weight.dtype)
-        cache = {}
-        # frame 0 alone, then chunks of `tf` frames (the reference encodes 1, 4, 4, ...)
-        chunks = [video[:, :, :1]] + [video[:, :, i:i + tf] for i in range(1, T, tf)] if chunked else [video]
-        out = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
-        mu, log_var = self.conv1(out, cache).chunk(2, dim=1)
+
+        def run(video, at=None):
+            cache = {}
+            # frame 0 alone, then chunks of `tf` frames (the reference encodes 1, 4, 4, ...)
+            chunks = [video[:, :, :1]] + [video[:, :, i:i + tf] for i in range(1, T, tf)] if chunked else [video]
+            out = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+            return self.conv1(out, cache)  # (mu, log_var) stacked on channels
+
+        out = tiled(run, video, self.tiles, 1 / sf, sf) if self._tiled(H, W) else run(video)
+        mu, log_var = out.chunk(2, dim=1)
         return mu, log_var
+
+    def _tiled(self, H, W):
+        return self.tiles is not None and self.tiles.wanted(H, W)
 
     def encode(self, video, sample=False, generator=None):
         """video [B, 3, F, H, W] (or one image [B, 3, H, W]) in [-1, 1] -> normalized latents (mu - mean) / std.
@@ -276,13 +289,25 @@ class WanVAE(nn.Module):
         z = (z - mean) / std
         return z[:, :, 0] if image else z
 
-    def decode(self, z, chunked=True):
-        """Normalized latents [B, z_dim, 1+k, h, w] (or [B, z_dim, h, w]) -> video [B, 3, 1+4k, 8h, 8w] in [-1, 1]."""
+    def decode(self, z, chunked=True, state=None):
+        """Normalized latents [B, z_dim, 1+k, h, w] (or [B, z_dim, h, w]) -> video [B, 3, 1+4k, 8h, 8w] in [-1, 1].
+
+        state: None (z is a whole clip), or a dict kept by the caller and passed again with the clip's next
+        latent frames: the decoder's causal caches (one per tile) live in it, so decoding a clip in pieces
+        gives what one call gives (the first piece yields 1 + 4(n - 1) frames, later ones 4 per latent).
+        """
         image = z.ndim == 4
         z = z[:, :, None] if image else z
         mean, std = self._stats(z)
         x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype), {})
-        cache = {}
-        chunks = x.split(1, dim=2) if chunked else [x]  # one latent frame at a time
-        out = torch.cat([self.decoder(chunk, cache) for chunk in chunks], dim=2).float().clamp(-1, 1)
+        state = {} if state is None else state
+
+        def run(x, at=None):
+            cache = state.setdefault(at, {})
+            chunks = x.split(1, dim=2) if chunked else [x]  # one latent frame at a time
+            return torch.cat([self.decoder(chunk, cache) for chunk in chunks], dim=2).float()
+
+        sf = self.config.spatial_factor
+        out = tiled(run, x, self.tiles, sf, 1) if self._tiled(x.shape[-2] * sf, x.shape[-1] * sf) else run(x)
+        out = out.clamp(-1, 1)
         return out[:, :, 0] if image else out

@@ -106,3 +106,20 @@ def test_to_4k1_pads_or_trims_and_says_so(capsys):
     assert to_4k1(same) is same and capsys.readouterr().out == ""
     assert to_4k1(random_frames(T=2, H=2, W=2)).shape[0] == 5
     assert to_4k1(random_frames(T=2, H=2, W=2), mode="trim").shape[0] == 1
+
+
+def test_frames_stream_in_and_out(tmp_path):
+    from minirestore.video import FrameWriter, iter_frames, probe
+
+    frames = random_frames(T=7, seed=3)
+    with FrameWriter(tmp_path / "clip", fps=12) as out:
+        out.write(frames[:3])
+        out.write(frames[3:])
+    assert probe(tmp_path / "clip") == (7, 12.0, tuple(frames.shape[-2:]))
+    back = torch.stack(list(iter_frames(tmp_path / "clip")))
+    assert torch.equal(back, read_video(tmp_path / "clip")[0]) and (back - frames).abs().max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(RuntimeError):  # an error half way leaves nothing behind and the old output intact
+        with FrameWriter(tmp_path / "clip", fps=5) as out:
+            out.write(frames[:2])
+            raise RuntimeError("stop")
+    assert probe(tmp_path / "clip")[:2] == (7, 12.0) and not list(tmp_path.glob(".clip.*"))
