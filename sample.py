@@ -28,7 +28,7 @@ import torch
 
 from minirestore import UserError, protocol
 from minirestore.cli import Help, run, writable_folder
-from minirestore.backbone import is_wan, load_backbone
+from minirestore.backbone import add_memory_flags, is_wan, load_backbone
 from minirestore.data import (ANIMATED_FORMATS, IMAGE_EXTS, frame_count, image_format, list_images, load_frames,
                               load_image, save_frames, save_image)
 from minirestore.distributed import barrier, close, init
@@ -78,12 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weights' dtype (default: bf16 on CUDA, fp16 "
                    "with --protocol ypt; fp32 on CPU)")
-    p.add_argument("--weights", choices=("auto", "dtype", "fp8"), default="auto", help="the frozen transformer's "
-                   "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
-                   "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
-    p.add_argument("--offload", choices=("auto", "none", "blocks"), default="auto", help="blocks: the transformer "
-                   "blocks stay in pinned CPU memory and are copied to the GPU one ahead on a side stream (outputs "
-                   "identical); auto: blocks on a GPU with less free memory than 1.2x the weights, else none (default auto)")
+    add_memory_flags(p)
     p.add_argument("--protocol", choices=("native", "ypt"), default="native", help="native: the input's own size, "
                    "posterior mean, continuous time; ypt: the released inference protocol (protocol.py: resized to "
                    "1024x1024 / 480x832, posterior sample, scheduler timesteps, seed 42, truncated uint8, JPEG)")

@@ -26,7 +26,7 @@ import torch
 
 from minirestore import UserError
 from minirestore.cli import Help, run, writable_folder
-from minirestore.backbone import load_backbone
+from minirestore.backbone import add_memory_flags, load_backbone
 from minirestore.bridge import KINDS, Bridge
 from minirestore.data import (CleanFolder, CleanPhotos, ClipFolder, PairedFolder, is_clip_folder, parse_resolution,
                               save_image, split)
@@ -79,12 +79,7 @@ def parse_args(argv=None):
                    help="recompute each block in the backward pass (auto: on for CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="frozen weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--weights", choices=("auto", "dtype", "fp8"), default="auto", help="the frozen transformer's "
-                   "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
-                   "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
-    p.add_argument("--offload", choices=("auto", "none", "blocks"), default="auto", help="blocks: the transformer "
-                   "blocks stay in pinned CPU memory and are copied to the GPU one ahead on a side stream (outputs "
-                   "identical); auto: blocks on a GPU with less free memory than 1.2x the weights, else none (default auto)")
+    add_memory_flags(p)
     args = p.parse_args(argv)
     if not isinstance(args.t0, tuple) and not 0 < args.t0 <= 1:  # a range is checked by Bridge
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")

@@ -129,11 +129,7 @@ def pick_weights(weights, source, device):
         raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights}")
     if weights != "auto":
         return weights
-    size = transformer_bytes(source)
-    if not str(device).startswith("cuda") or size is None:
-        return "dtype"
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return "fp8" if free < 1.5 * size else "dtype"
+    return "fp8" if _short_of_memory(source, device, 1.5) else "dtype"
 
 
 OFFLOAD = ("auto", "none", "blocks")
@@ -146,11 +142,27 @@ def pick_offload(offload, source, device, weights):
         raise UserError(f"--offload must be one of {', '.join(OFFLOAD)}, got {offload}")
     if offload != "auto":
         return offload
+    return "blocks" if _short_of_memory(source, device, 1.2 * (0.6 if weights == "fp8" else 1.0)) else "none"
+
+
+def add_memory_flags(p):
+    """--weights and --offload on an argparse parser, shared by train.py and sample.py (pick_weights, pick_offload)."""
+    p.add_argument("--weights", choices=WEIGHTS, default="auto", help="the frozen transformer's "
+                   "weights: fp8 stores its blocks' linears in float8 e4m3 with per-channel scales (half of bf16); auto: "
+                   "fp8 on a GPU with less free memory than 1.5x the bf16 transformer, else --dtype (default auto)")
+    p.add_argument("--offload", choices=OFFLOAD, default="auto", help="blocks: the transformer "
+                   "blocks stay in pinned CPU memory and are copied to the GPU one ahead on a side stream (outputs "
+                   "identical); auto: blocks on a GPU with less free memory than 1.2x the weights, else none (default auto)")
+
+
+def _short_of_memory(source, device, factor):
+    """Whether the GPU's free memory is under `factor` x the bf16 transformer's size; False on the CPU or
+    when the size is unknown (what the auto choices above fall back to)."""
     size = transformer_bytes(source)
     if not str(device).startswith("cuda") or size is None:
-        return "none"
+        return False
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return "blocks" if free < 1.2 * size * (0.6 if weights == "fp8" else 1.0) else "none"
+    return free < factor * size
 
 
 def _load_folder(folder, device, dtype, quantise=None):
