@@ -218,9 +218,9 @@ def main(argv=None):
         args.dtype or (("fp16" if ypt else "bf16") if args.device.startswith("cuda") else "fp32")]
     items = collect(args.sources, args.root, args.degradation)
     out = Path(args.out)
-    steps, samples = sampler_defaults(str(args.model), args.steps, args.samples, ypt)  # (a folder: the real defaults)
-    settings = {"model": str(args.model), "protocol": args.protocol, "steps": steps, "samples": samples, "t0": args.t0,
-                "seed": args.seed,
+    # steps and samples as given (None: sample.py's defaults for the backbone, resolved once it is loaded)
+    settings = {"model": str(args.model), "protocol": args.protocol, "steps": args.steps, "samples": args.samples,
+                "t0": args.t0, "seed": args.seed,
                 "frames": args.frames, "tile": args.tile, "dtype": str(dtype).split(".")[-1],
                 "metrics": args.metrics, "y": args.y}
     old = json.loads((out / "settings.json").read_text()) if (out / "settings.json").exists() else None
@@ -228,6 +228,7 @@ def main(argv=None):
         diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
         raise UserError(f"{out} holds rows scored with other settings ({diff}): pass another --out, or the same flags")
     backbone = load_backbone(args.model, args.device, dtype)
+    steps, samples = sampler_defaults(backbone.name, args.steps, args.samples, ypt)  # as sample.py resolves them
     if backbone.kind == "flux" and any(it.clip for it in items):
         raise UserError(f"{backbone.name} restores images; the video lists need a Wan backbone (--model wan2.1-t2v-1.3b)")
     files = prompt_files(items, args.prompt, backbone.name)
@@ -306,7 +307,7 @@ def main(argv=None):
     barrier(world)
     if world.main:
         md, obj = table(list(read_rows(out).values()), list(dict.fromkeys(it.dataset for it in items)),
-                        args.metrics, skipped, settings)
+                        args.metrics, skipped, {**settings, "steps": steps, "samples": samples})
         write_atomic(out / "table.md", md)
         write_atomic(out / "table.json", json.dumps(obj, indent=1) + "\n")
         print(md, end="")
