@@ -13,6 +13,11 @@ plain torch, no learning. Their strengths are tuned on a validation set (`tune`)
                                               then an optional Gaussian smoothing of the amplified noise
   haze      dehaze(omega, t0, patch)          the dark channel prior (He, Sun & Tang, CVPR 2009) with the
                                               transmission refined by a guided filter (He et al. 2013)
+  jpeg      gaussian_filter, median_filter    smoothing the 8 x 8 blocks and ringing away (what a viewer's
+            deblock(sigma, strength)          "deblocking" does): a Gaussian blended in only near block edges
+  rain      median_filter, open_streaks(size) thin bright streaks: a median, or a grey opening (min then max
+                                              over a size x size window) that removes bright lines thinner than it
+  snow      deveil(veil, size)                undo the veil y = (1 - v) x + 0.9 v, then a median against the flakes
 """
 import itertools
 import math
@@ -133,6 +138,34 @@ def dehaze(x, omega=0.95, t0=0.1, patch=15):
 
 
 # ---------------------------------------------------------------------------------------------
+# JPEG, rain, snow
+# ---------------------------------------------------------------------------------------------
+
+def deblock(x, sigma, strength):
+    """Smooth across the 8 x 8 JPEG block edges only: x + strength * w * (G_sigma * x - x), with w = 1 on the
+    two pixel rows / columns either side of each block boundary and 0 inside (a simple loop filter)."""
+    H, W = x.shape[-2:]
+    edge = lambda n: ((torch.arange(n) % 8 == 0) | (torch.arange(n) % 8 == 7)).float()  # noqa: E731
+    w = torch.maximum(edge(H).view(-1, 1), edge(W).view(1, -1)).to(x)
+    return (x + strength * w * (gaussian_filter(x, sigma) - x)).clamp(0, 1)
+
+
+def open_streaks(x, size):
+    """Grey opening (erosion then dilation, size x size window, per channel): bright structures thinner than
+    the window, such as rain streaks, are removed; larger bright regions keep their shape."""
+    r = size // 2
+    eroded = -F.max_pool2d(F.pad(-x, (r, r, r, r), mode="replicate"), size, stride=1)
+    return F.max_pool2d(F.pad(eroded, (r, r, r, r), mode="replicate"), size, stride=1)
+
+
+def deveil(x, veil, size):
+    """Invert the snow veil y = (1 - v) x + 0.9 v, x = (y - 0.9 v) / (1 - v), then a median (size; 1: none)
+    against the flakes."""
+    x = ((x - 0.9 * veil) / (1 - veil)).clamp(0, 1)
+    return x if size <= 1 else median_filter(x, size)
+
+
+# ---------------------------------------------------------------------------------------------
 # The candidates per degradation and their tuning
 # ---------------------------------------------------------------------------------------------
 
@@ -153,6 +186,11 @@ CANDIDATES = {  # degradation -> [(name, filter, parameter grid)]
     "haze": [("dark channel prior", dehaze,
               _grid(omega=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], t0=[0.02, 0.05, 0.1, 0.2, 0.3],
                     patch=[3, 5, 7, 11]))],
+    "jpeg": [("Gaussian filter", gaussian_filter, _grid(sigma=[0.3, 0.5, 0.75, 1.0, 1.5])),
+             ("deblocking filter", deblock, _grid(sigma=[0.5, 1.0, 1.5, 2.0], strength=[0.25, 0.5, 0.75, 1.0]))],
+    "rain": [("median filter", median_filter, _grid(size=[3, 5, 7])),
+             ("grey opening", open_streaks, _grid(size=[3, 5, 7]))],
+    "snow": [("de-veil + median", deveil, _grid(veil=[0.0, 0.05, 0.1, 0.15, 0.2], size=[1, 3, 5, 7]))],
 }
 
 

@@ -67,6 +67,9 @@ LEVELS = {  # degradation -> the test levels (inside the ranges train.py's promp
     "blur": [dict(kind="gaussian", sigma=2.0)],
     "lowlight": [dict(exposure=0.2, gamma=1.5)],
     "haze": [dict(beta=1.5, airlight=0.85)],
+    "jpeg": [dict(quality=20)],
+    "rain": [dict(density=0.004, length=20.0, angle=10.0, opacity=0.7)],
+    "snow": [dict(density=0.002, veil=0.12, opacity=0.85)],
 }
 TEST_BASE, VAL_BASE = 31, 37
 

@@ -94,6 +94,30 @@ def test_dark_channel_prior_dehazes():
     assert classical.airlight(hazy, classical.dark_channel(hazy, 5)).mean() > 0.6  # found the haze, not a leaf
 
 
+def test_deblock_touches_only_block_edges_and_smooths_them():
+    x = torch.rand(1, 3, 16, 24)
+    y = classical.deblock(x, sigma=1.0, strength=1.0)
+    inside = torch.zeros(16, 24, dtype=torch.bool)
+    inside[1:7, 1:7] = inside[9:15, 9:15] = True  # pixels two or more away from every 8 x 8 boundary
+    torch.testing.assert_close(y[..., inside], x[..., inside])
+    assert (y[..., 7, :] - y[..., 8, :]).abs().mean() < (x[..., 7, :] - x[..., 8, :]).abs().mean()
+
+
+def test_grey_opening_removes_thin_bright_streaks_and_keeps_flat_regions():
+    x = torch.full((1, 3, 20, 20), 0.3)
+    x[..., 10:14, 10:14] = 0.8  # a bright square wider than the window: kept
+    streaky = x.clone()
+    streaky[..., 2, :] = 1.0  # a one-pixel bright line: removed
+    torch.testing.assert_close(classical.open_streaks(streaky, 3), x)
+
+
+def test_deveil_inverts_the_snow_veil():
+    x = smooth_images(2)
+    veiled = 0.85 * x + 0.9 * 0.15
+    torch.testing.assert_close(classical.deveil(veiled, veil=0.15, size=1), x.clamp(0, 1), atol=1e-5, rtol=0)
+    assert psnr(classical.deveil(veiled, veil=0.0, size=1), x).mean() < psnr(classical.deveil(veiled, 0.15, 1), x).mean()
+
+
 # ---------------------------------------------------------------------------------------------
 # dncnn.py
 # ---------------------------------------------------------------------------------------------
