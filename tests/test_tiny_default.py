@@ -92,10 +92,9 @@ def restore_held_out(tiny, photos, degradation, n=8, steps=10):
 @pytest.mark.parametrize("degradation", ["noise", "lowlight", "haze", "rain", "snow"])
 def test_shipped_prompts_restore_better_than_no_prompt(tiny, test_photos, degradation):
     """The paper's first claim on the tiny default, on held-out test photographs: the prompt unlocks restoration
-    the frozen model does not do by itself (measured on these 8 crops, 2026-12-02: +1.65 noise, +3.84 lowlight,
-    +3.34 haze, +3.35 rain, +3.22 snow dB). Left out, with their reasons: blur, whose prompt is behind the
-    unprompted model (-0.29 dB; this generator cannot put the detail back, see the README), and jpeg, ahead by
-    only 0.12 dB, too close to the threshold to be a claim."""
+    the frozen model does not do by itself (measured on these 8 crops, 2026-12-02: +1.65 noise, +4.27 lowlight,
+    +4.07 haze, +3.35 rain, +3.22 snow dB). Left out, with their reasons: blur (+0.07 dB; this generator cannot
+    put the detail back, see the README) and jpeg (+0.12 dB), too close to the threshold to be a claim."""
     clean, _, plain, prompted = restore_held_out(tiny, test_photos, degradation)
     gain = psnr(prompted, clean) - psnr(plain, clean)
     assert gain.mean() > 0.1, gain
