@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--degradations", default="noise", help=f"comma-separated, from {', '.join(LEVELS)}")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="photographs scored: test (the benchmark) or val (choosing T0 for a shipped prompt)")
+    p.add_argument("--level", action="append", default=[], metavar="LABEL",
+                   help="run only this test level, by its label (e.g. 'sigma 0.2'; repeatable; default: all)")
     p.add_argument("--sizes", default="128,256", help="crop sides in pixels")
     p.add_argument("--images", default="50,20", help="test crops per size (one number, or one per size)")
     p.add_argument("--val-images", type=int, default=20, help="val-photo crops (64 px) that tune the classical filters")
@@ -95,6 +97,11 @@ def parse_args(argv=None):
     for d in args.degradations:
         if d not in LEVELS:
             raise UserError(f"--degradations: {d!r} has no test levels; choose from {', '.join(LEVELS)}")
+    known = [label(level) for d in args.degradations for level in LEVELS[d]]
+    for want in args.level:
+        if want not in known:
+            raise UserError(f"--level {want!r} is not a test level of {','.join(args.degradations)}; "
+                            f"choose from {', '.join(repr(k) for k in known)}")
     args.sizes = [int(s) for s in args.sizes.split(",")]
     images = [int(n) for n in str(args.images).split(",")]
     args.images = images * len(args.sizes) if len(images) == 1 else images
@@ -269,7 +276,7 @@ def main(argv=None):
     args.steps, args.samples = args.steps or steps, args.samples or samples
     rows, bridges = [], []
     for degradation in args.degradations:
-        for level in LEVELS[degradation]:
+        for level in [v for v in LEVELS[degradation] if not args.level or label(v) in args.level]:
             for size, n in zip(args.sizes, args.images):
                 print(f"== {degradation} {label(level)}, {n} crops of {size} px", flush=True)
                 r, b, columns = evaluate(args, backbone, degradation, level, size, n, val_photos, test_photos)

@@ -293,3 +293,16 @@ def test_held_out_images_are_fixed_and_disjoint_from_training():
     bases = {replicate.TEST_BASE, replicate.VAL_BASE, 7, 999}  # test, validation, prompt training, pretrain eval
     # Pre-training with --seed s draws the seeds s x 1_000_003 + [0, steps x batch): s = 0 and 1 (two stages).
     assert len(bases) == 4 and min(bases) * 1_000_003 > 1 * 1_000_003 + 8000 * 32
+
+
+# ---------------------------------------------------------------------------------------------
+# photos.py: its command line
+# ---------------------------------------------------------------------------------------------
+
+def test_photos_benchmark_levels_and_their_filter():
+    photos = load("photos")
+    assert set(photos.LEVELS) <= set(classical.CANDIDATES)  # every test level has a tuned classical baseline
+    args = photos.parse_args(["--degradations", "noise,rain", "--level", "sigma 0.2", "--sizes", "64", "--images", "4"])
+    assert args.level == ["sigma 0.2"] and args.degradations == ["noise", "rain"]
+    with pytest.raises(photos.UserError, match="not a test level"):
+        photos.parse_args(["--level", "sigma 0.3"])
