@@ -15,7 +15,8 @@
 #              before), a FLUX-size case (B1 H24 L4608 D128) and large score magnitudes vs SDPA, the rest of the
 #              file (ragged shapes, prologues, tiny FLUX / Wan) with one forced config
 #   kernels    benchmarks/kernels.py: attention fwd and fwd+bwd, prompted two-context cross-attention,
-#              prologues, vs SDPA default / flash / cuDNN / mem-efficient and the two-call form; TFLOP/s, ratios
+#              prologues, vs SDPA default / flash / cuDNN / mem-efficient and the two-call form; TFLOP/s, ratios,
+#              and the config the autotuner chose per kernel and key (did the TMA / warp-specialised ones win?)
 #   flux       benchmarks/method.py, FLUX.1-dev with random bf16 weights: s per training step at 512^2,
 #              s per restored 1024^2 image (20 steps), peak memory, fused vs released (eager + SDPA)
 #   wan        the same for Wan 2.1 1.3B: training clips 480x832 x 33 frames, restore 480x832
