@@ -63,6 +63,7 @@ CONFIGS = {
 # where autotuning fp32 over every config would spend minutes compiling).
 FP32 = {"fwd": (32, 32, 8, 2), "dkdv": (16, 16, 4, 2), "dq": (16, 32, 4, 2),
         "prompted_fwd": (32, 32, 8, 2), "prompted_dq": (16, 32, 4, 2)}
+# the tuples above as Tiles
 CONFIGS = {kind: {gen: [Tile(*c) for c in configs] for gen, configs in gens.items()} for kind, gens in CONFIGS.items()}
 FP32 = {kind: Tile(*c) for kind, c in FP32.items()}
 # The interpreter's one config (it cannot autotune): small tiles, fast and ragged-friendly. The tests swap in
