@@ -1,12 +1,15 @@
 """Offline compile check: every Triton kernel at every config its autotuner may choose, built for
 sm_90 (H100/H200) and sm_80 (A100) on a machine without a GPU, with Triton's compiler and ptxas.
 
-    python benchmarks/compile_check.py                                  # everything (about 15 min, 2 cores)
+    python benchmarks/compile_check.py                                  # everything (about 7 min, 2 cores)
     python benchmarks/compile_check.py --arch 90 --dtype bf16 --head-dim 128   # the CI subset
 
 Per kernel and config it prints shared memory (from the compiled kernel), registers and spill bytes
 (cuobjdump -res-usage on the cubin: STACK + LOCAL bytes > 0 is a spill) and the tensor-core path found
-in the PTX (wgmma = Hopper warpgroup MMA, mma = mma.sync, none = CUDA-core FMA), plus cp.async / TMA.
+in the PTX (wgmma = Hopper warpgroup MMA, mma = mma.sync, none = CUDA-core FMA), plus how tiles are copied
+(TMA = cp.async.bulk.tensor, cp.async, or plain loads) and, for warp-specialised configs, whether the
+compiler split the kernel into partitions (ttg.warp_specialize in the TTGIR; "+ws" in the copies column).
+A config labelled tma (or ws) whose code lacks it counts as a failure too.
 The configs are those tuning.choose() leaves for the arch's shared memory, dtype and head dim, i.e.
 what the autotuner may pick at run time. The argument specialisation is the JIT's own (16-byte
 aligned pointers and strides, unit strides as constants) for the models' shapes: FLUX joint attention
@@ -70,7 +73,7 @@ def resources(cubin):
 def compile_one(job):
     """Compile one kernel specialisation; returns a result row (a dict)."""
     module, fn_name, args, constexprs, warps, stages, arch = job
-    fn = getattr({"flash": flash, "prompted": prompted, "prologue": prologue}[module], fn_name)
+    fn = kernel_fn(module, fn_name)
     start = time.time()
     try:
         signature, constants, attrs = specialise(fn, args, constexprs)
@@ -80,11 +83,20 @@ def compile_one(job):
         ptx = kernel.asm["ptx"]
         tc = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
         copies = "TMA" if "cp.async.bulk.tensor" in ptx else "cp.async" if "cp.async" in ptx else "-"
+        copies += "+ws" * ("ttg.warp_specialize" in kernel.asm["ttgir"])
         return dict(shared=kernel.metadata.shared, regs=regs, spill=spill, tc=tc, copies=copies,
                     seconds=time.time() - start, error=None)
     except Exception as e:  # noqa: BLE001 - a config that does not compile is a finding, not a crash
         return dict(shared=0, regs=0, spill=0, tc="-", copies="-", seconds=time.time() - start,
                     error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''}")
+
+
+def kernel_fn(module, name):
+    return getattr({"flash": flash, "prompted": prompted, "prologue": prologue}[module], name)
+
+
+def tile_label(tile):
+    return f"M{tile.block_m} N{tile.block_n} w{tile.warps} s{tile.stages}" + " tma" * tile.tma + " ws" * tile.ws
 
 
 def tensor(dtype):
@@ -101,7 +113,7 @@ def attention_args(dtype, D, Lq, Lk, H=24, Lk_p=None):
     args = dict(Q=t, K=t, V=t, O=t, DO=t, DQ=t, DK=t, DV=t, KP=t, VP=t, OP=t, LSE=f32, LSE_P=f32, Delta=f32,
                 Delta_P=f32, ALPHA=f32, DO_SCALE=f32, H=H, Lq=Lq, Lk=Lk, Lk_p=Lk_p or Lk, D=D, qk_scale=0.1,
                 sm_scale=0.1, LQ_KEY=triton.next_power_of_2(Lq), LK_KEY=triton.next_power_of_2(Lk),
-                LKP_KEY=triton.next_power_of_2(Lk_p or Lk))
+                LKP_KEY=triton.next_power_of_2(Lk_p or Lk), TMA_OK=1)
     for prefix, L in (("q", Lq), ("k", Lk), ("v", Lk), ("o", Lq), ("do", Lq), ("dq", Lq), ("kp", Lk_p or Lk),
                       ("vp", Lk_p or Lk), ("dk", Lk), ("dv", Lk)):
         for axis, s in zip("bhld", strides(1, H, L, D)):
@@ -128,10 +140,9 @@ def attention_jobs(dtype_name, D, arch):
                ("prompted dQ", "prompted_dq", "prompted", "_prompted_bwd_dq", wan, {})]
     jobs = []
     for label, kind, module, name, args, extra in kernels:
-        for m, n, warps, stages in tuning.choose(kind, dtype, meta["BLOCK_D"], arch, SHARED_LIMIT[arch]):
-            config = f"M{m} N{n} w{warps} s{stages}"
-            jobs.append((label, config, (module, name, args, dict(meta, BLOCK_M=m, BLOCK_N=n, **extra), warps,
-                                         stages, arch)))
+        for tile in tuning.choose(kind, dtype, meta["BLOCK_D"], arch, SHARED_LIMIT[arch]):
+            constexprs = dict(meta, **tuning.constexprs_of(tile, kernel_fn(module, name)), **extra)
+            jobs.append((label, tile_label(tile), (module, name, args, constexprs, tile.warps, tile.stages, arch)))
     pre = dict(BLOCK_M=64, BLOCK_D=tuning.block_d(D))
     jobs.append(("bwd preprocess", "M64 w4", ("flash", "_bwd_preprocess", flux, pre, 4, 3, arch)))
     return jobs
@@ -142,8 +153,8 @@ def prologue_jobs(dtype_name, D, arch):
     t, f32 = tensor(DTYPES[dtype_name]), tensor(torch.float32)
     H, L, C = 24, 4608, 3 * 24 * D
     qkv = dict(QKV=t, RES=t, ALPHA=f32, WQ=t, WK=t, PE=f32, Q=t, K=t, V=t, DQ=t, DK=t, DV=t, DQKV=t, DRES=f32,
-               DALPHA=f32, DWQ=f32, DWK=f32, s_b=L * C, s_l=C, sr_b=0, sr_l=C, spe_b=0, spe_l=D * 2, spe_j=4,
-               spe_r=2, spe_c=1, sdx_b=L * C, sdx_l=C, sdr_b=512 * C, sdr_l=C, H=H, L=L, K_rows=512, D=D, eps=1e-6)
+               DALPHA=f32, DWQ=f32, DWK=f32, s_b=L * C, s_l=C, sr_b=0, sr_l=C, spe_b=0, spe_l=D * 2,
+               sdx_b=L * C, sdx_l=C, sdr_b=512 * C, sdr_l=C, H=H, L=L, K_rows=512, D=D, eps=1e-6)
     for p in ("o", "dq", "dk", "dv"):
         qkv.update({f"s{p}_b": H * L * D, f"s{p}_h": L * D, f"s{p}_l": D, f"s{p}_d": 1})
     block_l, block_c = prologue._kv_tiles(1536)
@@ -177,24 +188,35 @@ def main(argv=None):
                     jobs += prologue_jobs(dtype, D, arch)
                 rows += [(arch, dtype, D, label, config, job) for label, config, job in jobs]
     print(f"triton {triton.__version__}: compiling {len(rows)} kernel configs with {args.workers} workers", flush=True)
-    header = (f"{'arch':>5} {'dtype':5} {'D':>4}  {'kernel':30} {'config':18} {'shared KB':>9} {'regs':>4} "
-              f"{'spill B':>7} {'tensor cores':12} {'copies':8} {'s':>5}")
+    header = (f"{'arch':>5} {'dtype':5} {'D':>4}  {'kernel':30} {'config':22} {'shared KB':>9} {'regs':>4} "
+              f"{'spill B':>7} {'tensor cores':12} {'copies':12} {'s':>5}")
     print(header)
     spills = over = failed = 0
+    wanted = {"TMA": 0, "ws": 0}  # configs asking for TMA / warp specialisation
+    missing = {"TMA": 0, "ws": 0}  # ... whose code lacks it
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         for (arch, dtype, D, label, config, _), r in zip(rows, pool.map(compile_one, [row[5] for row in rows])):
             too_big = r["shared"] > SHARED_LIMIT[arch]
             spills += r["spill"] > 0
             over += too_big
             failed += r["error"] is not None
-            flag = " SPILL" * (r["spill"] > 0) + " OVER SHARED" * too_big
-            line = (f"sm_{arch} {dtype:5} {D:4}  {label:30} {config:18} {r['shared'] / 1024:9.1f} {r['regs']:4} "
-                    f"{r['spill']:7} {r['tc']:12} {r['copies']:8} {r['seconds']:5.1f}{flag}")
+            lacks = []
+            for name, asked, got in (("TMA", " tma" in config, r["copies"].startswith("TMA")),
+                                     ("ws", config.endswith(" ws"), r["copies"].endswith("+ws"))):
+                wanted[name] += asked
+                if asked and not got and r["error"] is None:
+                    missing[name] += 1
+                    lacks.append(name)
+            flag = " SPILL" * (r["spill"] > 0) + " OVER SHARED" * too_big + "".join(f" NO {n}" for n in lacks)
+            line = (f"sm_{arch} {dtype:5} {D:4}  {label:30} {config:22} {r['shared'] / 1024:9.1f} {r['regs']:4} "
+                    f"{r['spill']:7} {r['tc']:12} {r['copies']:12} {r['seconds']:5.1f}{flag}")
             print(line + (f"  FAILED {r['error']}" if r["error"] else ""), flush=True)
     if failed:
         print(f"{failed} configs failed to compile")
+    print(f"TMA configs: {wanted['TMA']}, {missing['TMA']} without cp.async.bulk.tensor; warp-specialised: "
+          f"{wanted['ws']}, {missing['ws']} not split into partitions")
     print(f"{len(rows) - failed} configs compiled: {spills} spill, {over} over shared memory")
-    return 1 if spills or over or failed else 0
+    return 1 if spills or over or failed or sum(missing.values()) else 0
 
 
 if __name__ == "__main__":

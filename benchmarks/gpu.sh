@@ -8,12 +8,15 @@
 # Parts, each under its own timeout so that one failure or hang does not lose the others:
 #   env        GPU, driver, torch / triton versions
 #   compile    benchmarks/compile_check.py for this GPU's triton (sm_90, bf16, D 128; 16 workers): its figures
-#              under the machine's own triton, and a warm Triton cache for the FLUX / Wan shapes that follow
+#              under the machine's own triton (incl. whether the TMA configs use TMA and the warp-specialised
+#              ones are split), and a warm Triton cache for the FLUX / Wan shapes that follow
 #   tests      tests/test_kernels.py compiled on the GPU: every config the autotuner may choose forced once
-#              (bf16 and fp16), a FLUX-size case (B1 H24 L4608 D128) and large score magnitudes vs SDPA, the
-#              rest of the file (ragged shapes, prologues, tiny FLUX / Wan) with one forced config
+#              (bf16 and fp16; on sm_90 that includes the TMA and warp-specialised configs, never run on a GPU
+#              before), a FLUX-size case (B1 H24 L4608 D128) and large score magnitudes vs SDPA, the rest of the
+#              file (ragged shapes, prologues, tiny FLUX / Wan) with one forced config
 #   kernels    benchmarks/kernels.py: attention fwd and fwd+bwd, prompted two-context cross-attention,
-#              prologues, vs SDPA default / flash / cuDNN / mem-efficient and the two-call form; TFLOP/s, ratios
+#              prologues, vs SDPA default / flash / cuDNN / mem-efficient and the two-call form; TFLOP/s, ratios,
+#              and the config the autotuner chose per kernel and key (did the TMA / warp-specialised ones win?)
 #   flux       benchmarks/method.py, FLUX.1-dev with random bf16 weights: s per training step at 512^2,
 #              s per restored 1024^2 image (20 steps), peak memory, fused vs released (eager + SDPA)
 #   wan        the same for Wan 2.1 1.3B: training clips 480x832 x 33 frames, restore 480x832
@@ -84,7 +87,7 @@ if [ "$DRY" = 1 ]; then
   WAN=(--model tiny-wan --frames 5 --repeats 1 --warmup 0 --sample-steps 2)
   PRETRAIN=(--steps 3 --batch-size 2 --sizes 32 --width 32 --double 1 --single 1 --eval-n 2 --device cpu)
 else
-  T=(10 30 100 150 100 60 30)
+  T=(10 30 120 130 100 60 30)  # 480 s; tests: 2 x 9 forced configs (kernels.tuning.CONFIGS' longest list)
   COMPILE=(--arch 90 --dtype bf16 --head-dim 128 --workers 16)
   KMODE=auto
   KERNELS=()

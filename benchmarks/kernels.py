@@ -206,6 +206,19 @@ def table(rows):
     return lines
 
 
+def tuned_choices():
+    """The config each autotuned kernel settled on, per autotune key (GPU only): whether the sm_90 TMA and
+    warp-specialised configs won against the pointer-load ones at these shapes."""
+    from kernels import flash, prompted
+    kernels = (flash._fwd_tuned, flash._bwd_dkdv_tuned, flash._bwd_dq_tuned, prompted._prompted_fwd_tuned,
+               prompted._prompted_bwd_dq_tuned)
+    lines = ["| kernel | autotune key | chosen config |", "|---|---|---|"]
+    for kernel in kernels:
+        for key, config in getattr(kernel, "cache", {}).items():
+            lines.append(f"| {kernel.kind} | {', '.join(map(str, key))} | {config} |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, reference path")
@@ -236,6 +249,10 @@ def main():
     print("\n".join(lines))
     print("\nspeed-up of minirestore over each baseline (higher is better):")
     print("\n".join(ratios(rows)))
+    choices = []
+    if cuda:
+        choices = ["", "Configs the autotuner chose:", ""] + tuned_choices()
+        print("\n".join(choices))
     if not cuda:
         print("\nNo GPU was present: these are CPU reference timings, not results for the Triton kernels.")
     if cuda or args.write:
@@ -244,7 +261,8 @@ def main():
         if not cuda:
             header += "**CPU smoke run: not GPU results.**\n\n"
         with open(args.results, "a") as f:
-            f.write(header + "\n".join(lines) + "\n\nSpeed-ups:\n\n```\n" + "\n".join(ratios(rows)) + "\n```\n")
+            f.write(header + "\n".join(lines) + "\n\nSpeed-ups:\n\n```\n" + "\n".join(ratios(rows)) + "\n```\n"
+                    + "\n".join(choices) + "\n" * bool(choices))
         print(f"appended to {args.results}")
 
 

@@ -12,12 +12,19 @@ Scores live in log2 units (S * scale * log2 e) so the kernels use exp2; LSE is s
 Every loop runs its full tiles unmasked and then the ragged last tile, if any, with masks; EVEN_D
 (head dim a power of two >= 16) drops the channel masks.
 
+Two constexpr switches, set by some sm_90 autotune configs (tuning.py), change how tiles reach the dots
+and nothing else: TMA reads them through tensor descriptors (tl.make_tensor_descriptor: bulk copies by the
+tensor memory accelerator, zero-filled past the tensor's edges, so no masks on the loads; needs 16-byte
+aligned rows, see tuning.tma_ok), and WS (forward only, with TMA) warp-specialises the key loop, as one
+loop masking every tile. Under the interpreter the same code runs, descriptors included (the tests).
+
 The prompted (two-context) attention in prompted.py reuses the inner loops and _bwd_dkdv, whose
 optional DO_SCALE (a pointer to alpha) turns it into the backward of `alpha * attention(...)`.
 
-Triton 3.6 to 3.9 (no block pointers); inputs of any strides; head dims up to kernels.MAX_TRITON_HEAD_DIM. Each
-kernel has its own tile configs (tuning.py: the roles of BLOCK_M and BLOCK_N differ), checked offline
-for sm_90 and sm_80 by benchmarks/compile_check.py: no spills, shared memory within the limit.
+Triton 3.6 to 3.9 (no block pointers); inputs of any strides (TMA configs only for aligned ones); head
+dims up to kernels.MAX_TRITON_HEAD_DIM. Each kernel has its own tile configs (tuning.py: the roles of
+BLOCK_M and BLOCK_N differ), checked offline for sm_90 and sm_80 by benchmarks/compile_check.py: no
+spills, shared memory within the limit, TMA where a config asks for it.
 """
 import math
 import os
@@ -26,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import INTERPRET, LOG2E, block_d, bucket, launch, precision, tuned  # noqa: F401 (re-exported)
+from .tuning import INTERPRET, LOG2E, block_d, bucket, launch, precision, tma_ok, tuned  # noqa: F401 (re-exported)
 
 
 @triton.jit
@@ -53,18 +60,47 @@ def _store(ptrs, x, row_ok, col_ok, MASK_COLS: tl.constexpr):
 
 
 @triton.jit
+def _head(X, L, D, stride_l, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """One head's [L, D] rows (X points at row 0) as the inner loops stream them: with TMA a tensor
+    descriptor (sm_90: whole tiles come by bulk copy, rows past L and channels past D zero-filled by the
+    hardware; the host checks the 16-byte alignment it needs), else the pointer itself."""
+    if TMA:
+        return tl.make_tensor_descriptor(X, shape=[L, D], strides=[stride_l, 1], block_shape=[BLOCK, BLOCK_D])
+    else:
+        return X
+
+
+@triton.jit
+def _block(X, start, L, D, stride_l, stride_d, EVEN_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+           TMA: tl.constexpr):
+    """Rows start..start+BLOCK of one head, [BLOCK, BLOCK_D], zero past row L and channel D (a tile read once
+    per program: by TMA, or a masked load)."""
+    if TMA:
+        x = _head(X, L, D, stride_l, BLOCK, BLOCK_D, TMA).load([start, 0])
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        x = _load(X + rows[:, None] * stride_l + offs_d[None, :] * stride_d, rows < L, offs_d < D, True, not EVEN_D)
+    return x
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, start, end, D, qk_scale,
                MASK_N: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Online softmax of q [BLOCK_M, BLOCK_D] against keys start..end (masked beyond end if MASK_N)."""
+               PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+    """Online softmax of q [BLOCK_M, BLOCK_D] against keys start..end (masked beyond end if MASK_N).
+    K, V are pointers, or tensor descriptors when TMA (see _head); WS warp-specialises the loop."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
         cols = start_n + offs_n
         col_ok = cols < end
-        kT = _load(K + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn, d_ok, col_ok,
-                   not EVEN_D, MASK_N)  # [BLOCK_D, BLOCK_N]
+        if TMA:
+            kT = tl.trans(K.load([start_n, 0]))
+        else:
+            kT = _load(K + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn, d_ok, col_ok,
+                       not EVEN_D, MASK_N)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASK_N:
             s = tl.where(col_ok[None, :], s, float("-inf"))  # every tile has >= 1 real key: no -inf rows
@@ -72,8 +108,11 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
         p = tl.exp2(s - m_new[:, None])
         corr = tl.exp2(m_i - m_new)  # rescale what was accumulated under the old max
         l_i = l_i * corr + tl.sum(p, 1)
-        v = _load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,
-                  MASK_N, not EVEN_D)  # [BLOCK_N, BLOCK_D]
+        if TMA:
+            v = V.load([start_n, 0])
+        else:
+            v = _load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok,
+                      MASK_N, not EVEN_D)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc * corr[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -81,24 +120,34 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, Lk, D, qk_scale,
-               EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over all Lk keys of one head: the full tiles unmasked, then the ragged last one."""
-    n_full = (Lk // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, 0, n_full, D,
-                               qk_scale, False, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, n_full, Lk, D,
-                               qk_scale, True, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+               EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+               TMA: tl.constexpr, WS: tl.constexpr):
+    """Online softmax over all Lk keys of one head: the full tiles unmasked, then the ragged last one.
+    Warp-specialised (WS, with TMA), one loop masking every tile: triton 3.9's sm_90 partitioner takes
+    neither a second loop nor pointer loads (benchmarks/compile_check.py builds both variants)."""
+    tl.static_assert(TMA or not WS, "warp specialisation needs the TMA loads")
+    K = _head(K, Lk, D, stride_kn, BLOCK_N, BLOCK_D, TMA)
+    V = _head(V, Lk, D, stride_vn, BLOCK_N, BLOCK_D, TMA)
+    if WS:
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, 0, Lk, D,
+                                   qk_scale, True, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA, True)
+    else:
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, 0, n_full, D,
+                                   qk_scale, False, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA, False)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, n_full, Lk, D,
+                                   qk_scale, True, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA, False)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd(Q, K, V, O, LSE,
          sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, so_b, so_h, so_l, so_d,
-         H, Lq, Lk, D, qk_scale, LQ_KEY, LK_KEY,
+         H, Lq, Lk, D, qk_scale, LQ_KEY, LK_KEY, TMA_OK,
          EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-         PRECISION: tl.constexpr):
+         PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
     """o = softmax(q k^T * scale) v and the row LSE for one query tile of one head (LQ_KEY, LK_KEY:
-    bucketed lengths, read only by the autotuner's key)."""
+    bucketed lengths, and TMA_OK, whether the inputs suit TMA: read only by the autotuner)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -107,13 +156,12 @@ def _fwd(Q, K, V, O, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = offs_d < D
-    q = _load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d, row_ok, d_ok,
-              True, not EVEN_D)  # [BLOCK_M, BLOCK_D], read once
+    q = _block(Q + b * sq_b + h * sq_h, pid_m * BLOCK_M, Lq, D, sq_l, sq_d, EVEN_D, BLOCK_M, BLOCK_D, TMA)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
-                               sk_l, sk_d, sv_l, sv_d, Lk, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+                               sk_l, sk_d, sv_l, sv_d, Lk, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA, WS)
     o = acc / l_i[:, None]
     _store(O + b * so_b + h * so_h + rows[:, None] * so_l + offs_d[None, :] * so_d, o.to(O.dtype.element_ty),
            row_ok, d_ok, not EVEN_D)
@@ -140,16 +188,20 @@ def _bwd_preprocess(O, DO, Delta, so_b, so_h, so_l, so_d, sdo_b, sdo_h, sdo_l, s
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, sq_l, sq_d, sdo_l, sdo_d, start, end, D, qk_scale,
                 MASK_M: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """dk += dS^T q, dv += P^T dO for one key tile over queries start..end (masked beyond end if MASK_M)."""
+                PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """dk += dS^T q, dv += P^T dO for one key tile over queries start..end (masked beyond end if MASK_M).
+    Q, DO are pointers, or tensor descriptors when TMA."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < end
-        qT = _load(Q + offs_d[:, None] * sq_d + rows[None, :] * sq_l, d_ok, row_ok,
-                   not EVEN_D, MASK_M)  # [BLOCK_D, BLOCK_M]
+        if TMA:
+            qT = tl.trans(Q.load([start_m, 0]))
+        else:
+            qT = _load(Q + offs_d[:, None] * sq_d + rows[None, :] * sq_l, d_ok, row_ok,
+                       not EVEN_D, MASK_M)  # [BLOCK_D, BLOCK_M]
         if MASK_M:
             lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         else:
@@ -158,8 +210,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, sq_l, sq_d, sdo_l, sdo_d, start
         pT = tl.exp2(sT - lse[None, :])
         if MASK_M:
             pT = tl.where(row_ok[None, :], pT, 0.0)
-        do = _load(DO + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d, row_ok, d_ok,
-                   MASK_M, not EVEN_D)  # [BLOCK_M, BLOCK_D]
+        if TMA:
+            do = DO.load([start_m, 0])
+        else:
+            do = _load(DO + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d, row_ok, d_ok,
+                       MASK_M, not EVEN_D)  # [BLOCK_M, BLOCK_D]
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         if MASK_M:
             delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
@@ -175,9 +230,9 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, sq_l, sq_d, sdo_l, sdo_d, start
 def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DO_SCALE,
               sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
               sdo_b, sdo_h, sdo_l, sdo_d, sdk_s, sdk_b, sdk_h, sdk_l, sdk_d, sdv_s, sdv_b, sdv_h, sdv_l, sdv_d,
-              H, Lq, Lk, D, qk_scale, sm_scale, CHUNK, LQ_KEY, LK_KEY,
+              H, Lq, Lk, D, qk_scale, sm_scale, CHUNK, LQ_KEY, LK_KEY, TMA_OK,
               HAS_DO_SCALE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of one key tile from the queries of chunk program_id(2) (CHUNK rows, a multiple of every
     BLOCK_M), written to slice program_id(2) of DK, DV. With DO_SCALE (alpha) the output gradient is
     alpha * dO: dV = alpha P^T dO, dS = alpha P (dO V^T - delta)."""
@@ -190,21 +245,21 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DO_SCALE,
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < Lk
     d_ok = offs_d < D
-    k = _load(K + b * sk_b + h * sk_h + cols[:, None] * sk_l + offs_d[None, :] * sk_d, col_ok, d_ok, True, not EVEN_D)
-    v = _load(V + b * sv_b + h * sv_h + cols[:, None] * sv_l + offs_d[None, :] * sv_d, col_ok, d_ok, True, not EVEN_D)
+    k = _block(K + b * sk_b + h * sk_h, pid_n * BLOCK_N, Lk, D, sk_l, sk_d, EVEN_D, BLOCK_N, BLOCK_D, TMA)
+    v = _block(V + b * sv_b + h * sv_h, pid_n * BLOCK_N, Lk, D, sv_l, sv_d, EVEN_D, BLOCK_N, BLOCK_D, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    Q += b * sq_b + h * sq_h
-    DO += b * sdo_b + h * sdo_h
+    Q = _head(Q + b * sq_b + h * sq_h, Lq, D, sq_l, BLOCK_M, BLOCK_D, TMA)  # a chunk's rows end at Lq or a tile edge
+    DO = _head(DO + b * sdo_b + h * sdo_h, Lq, D, sdo_l, BLOCK_M, BLOCK_D, TMA)
     LSE += bh.to(tl.int64) * Lq
     Delta += bh.to(tl.int64) * Lq
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, Lq)
     m_full = start + ((end - start) // BLOCK_M) * BLOCK_M
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, sq_l, sq_d, sdo_l, sdo_d, start, m_full, D, qk_scale,
-                         False, EVEN_D, BLOCK_M, BLOCK_D, PRECISION)
+                         False, EVEN_D, BLOCK_M, BLOCK_D, PRECISION, TMA)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, sq_l, sq_d, sdo_l, sdo_d, m_full, end, D, qk_scale,
-                         True, EVEN_D, BLOCK_M, BLOCK_D, PRECISION)
+                         True, EVEN_D, BLOCK_M, BLOCK_D, PRECISION, TMA)
     dk *= sm_scale
     if HAS_DO_SCALE:
         alpha = tl.load(DO_SCALE).to(tl.float32)
@@ -219,16 +274,21 @@ def _bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DO_SCALE,
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, start, end, D, qk_scale,
               MASK_N: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """dq += dS K over keys start..end (unscaled: the caller multiplies by sm_scale)."""
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """dq += dS K over keys start..end (unscaled: the caller multiplies by sm_scale). K, V are pointers, or
+    tensor descriptors when TMA."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < end
-        kT = _load(K + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn, d_ok, col_ok, not EVEN_D, MASK_N)
-        vT = _load(V + offs_d[:, None] * stride_vd + cols[None, :] * stride_vn, d_ok, col_ok, not EVEN_D, MASK_N)
+        if TMA:
+            kT = tl.trans(K.load([start_n, 0]))
+            vT = tl.trans(V.load([start_n, 0]))
+        else:
+            kT = _load(K + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn, d_ok, col_ok, not EVEN_D, MASK_N)
+            vT = _load(V + offs_d[:, None] * stride_vd + cols[None, :] * stride_vn, d_ok, col_ok, not EVEN_D, MASK_N)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = tl.exp2(s - lse[:, None])
         if MASK_N:
@@ -241,13 +301,16 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stri
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, Lk, D, qk_scale,
-              EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+              EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+              TMA: tl.constexpr):
     """dq += dS K over all Lk keys of one head: the full tiles unmasked, then the ragged last one."""
+    K = _head(K, Lk, D, stride_kn, BLOCK_N, BLOCK_D, TMA)
+    V = _head(V, Lk, D, stride_vn, BLOCK_N, BLOCK_D, TMA)
     n_full = (Lk // BLOCK_N) * BLOCK_N
     dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, 0, n_full, D, qk_scale,
-                   False, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+                   False, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA)
     dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, n_full, Lk, D, qk_scale,
-                   True, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+                   True, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA)
     return dq
 
 
@@ -255,9 +318,9 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stri
 def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
             sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
             sdo_b, sdo_h, sdo_l, sdo_d, sdq_b, sdq_h, sdq_l, sdq_d,
-            H, Lq, Lk, D, qk_scale, sm_scale, LQ_KEY, LK_KEY,
+            H, Lq, Lk, D, qk_scale, sm_scale, LQ_KEY, LK_KEY, TMA_OK,
             EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            PRECISION: tl.constexpr):
+            PRECISION: tl.constexpr, TMA: tl.constexpr):
     """dQ = scale * dS K for one query tile of one head."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -267,19 +330,18 @@ def _bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = offs_d < D
-    q = _load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d, row_ok, d_ok, True, not EVEN_D)
-    do = _load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d, row_ok, d_ok,
-               True, not EVEN_D)
+    q = _block(Q + b * sq_b + h * sq_h, pid_m * BLOCK_M, Lq, D, sq_l, sq_d, EVEN_D, BLOCK_M, BLOCK_D, TMA)
+    do = _block(DO + b * sdo_b + h * sdo_h, pid_m * BLOCK_M, Lq, D, sdo_l, sdo_d, EVEN_D, BLOCK_M, BLOCK_D, TMA)
     lse = tl.load(LSE + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
-                   sk_l, sk_d, sv_l, sv_d, Lk, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+                   sk_l, sk_d, sv_l, sv_d, Lk, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA)
     _store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_l + offs_d[None, :] * sdq_d,
            (dq * sm_scale).to(DQ.dtype.element_ty), row_ok, d_ok, not EVEN_D)
 
 
-_fwd_tuned = tuned(_fwd, "fwd", key=["LQ_KEY", "LK_KEY", "BLOCK_D"])
+_fwd_tuned = tuned(_fwd, "fwd", key=["LQ_KEY", "LK_KEY", "BLOCK_D"])  # tuned() adds TMA_OK to each key
 _bwd_dkdv_tuned = tuned(_bwd_dkdv, "dkdv", key=["LQ_KEY", "LK_KEY", "BLOCK_D", "HAS_DO_SCALE"])
 _bwd_dq_tuned = tuned(_bwd_dq, "dq", key=["LQ_KEY", "LK_KEY", "BLOCK_D"])
 
@@ -330,7 +392,7 @@ def forward(q, k, v):
     o, lse = empty(q.shape, q, poison()), row_stats(q)
     _, qk_scale = scales(q)
     launch_rows(_fwd_tuned, q, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                H, Lq, Lk, D, qk_scale, bucket(Lq), bucket(Lk))
+                H, Lq, Lk, D, qk_scale, bucket(Lq), bucket(Lk), TMA_OK=tma_ok(q, k, v))
     return o, lse
 
 
@@ -377,7 +439,7 @@ def backward_dkdv(q, k, v, do, lse, delta, do_scale=None):
     grid = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
     launch(_bwd_dkdv_tuned, grid, q, k, v, do, lse, delta, dk_, dv_, do_scale if do_scale is not None else lse,
            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_.stride(), *dv_.stride(),
-           H, Lq, Lk, D, sm_scale * LOG2E, sm_scale, chunk, bucket(Lq), bucket(Lk),
+           H, Lq, Lk, D, sm_scale * LOG2E, sm_scale, chunk, bucket(Lq), bucket(Lk), TMA_OK=tma_ok(q, k, v, do),
            HAS_DO_SCALE=do_scale is not None, PRECISION=precision(q.dtype), **head_meta(D))
     if splits == 1:
         return dk, dv
@@ -390,7 +452,7 @@ def backward_dq(q, k, v, do, lse, delta):
     sm_scale, qk_scale = scales(q)
     launch_rows(_bwd_dq_tuned, q, q, k, v, do, lse, delta, dq,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                H, Lq, k.shape[2], D, qk_scale, sm_scale, bucket(Lq), bucket(k.shape[2]))
+                H, Lq, k.shape[2], D, qk_scale, sm_scale, bucket(Lq), bucket(k.shape[2]), TMA_OK=tma_ok(q, k, v, do))
     return dq
 
 

@@ -29,20 +29,21 @@ def _load_rows(X, rows, cols, stride_l, mask):
 
 
 @triton.jit
-def _load_pe(PE, rows, stride_l, stride_j, stride_r, stride_c, mask, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The four [BLOCK_L, BLOCK_D/2] entries of the per-pair 2x2 rotations."""
-    pairs = tl.arange(0, BLOCK_D // 2)
-    base = PE + rows[:, None] * stride_l + pairs[None, :] * stride_j
-    pe00 = tl.load(base, mask=mask, other=0.0)
-    pe01 = tl.load(base + stride_c, mask=mask, other=0.0)
-    pe10 = tl.load(base + stride_r, mask=mask, other=0.0)
-    pe11 = tl.load(base + stride_r + stride_c, mask=mask, other=0.0)
+def _load_pe(PE, rows, stride_l, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The four [BLOCK_L, BLOCK_D/2] entries of the per-pair 2x2 rotations. A row's table is D/2 contiguous
+    2x2 matrices (2 D values): one contiguous, vectorised load per row, split into the entries in registers."""
+    offs = tl.arange(0, 2 * BLOCK_D)  # pair j, row r, column c at 4 j + 2 r + c
+    pe = tl.load(PE + rows[:, None] * stride_l + offs[None, :], mask=(rows[:, None] < L) & (offs[None, :] < 2 * D),
+                 other=0.0)
+    pe_c0, pe_c1 = tl.split(tl.reshape(pe, [BLOCK_L, BLOCK_D // 2, 2, 2]))  # columns c = 0, 1: [.., pair, r]
+    pe00, pe10 = tl.split(pe_c0)
+    pe01, pe11 = tl.split(pe_c1)
     return pe00, pe01, pe10, pe11
 
 
 @triton.jit
 def _fwd(QKV, RES, ALPHA, WQ, WK, PE, Q, K, V,
-         s_b, s_l, sr_b, sr_l, spe_b, spe_l, spe_j, spe_r, spe_c, so_b, so_h, so_l, so_d,
+         s_b, s_l, sr_b, sr_l, spe_b, spe_l, so_b, so_h, so_l, so_d,
          H, L, K_rows, D, eps,
          HAS_RES: tl.constexpr, HAS_PE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_l = tl.program_id(0)
@@ -58,9 +59,7 @@ def _fwd(QKV, RES, ALPHA, WQ, WK, PE, Q, K, V,
         alpha = tl.load(ALPHA).to(tl.float32)
         res_mask = (rows[:, None] < K_rows) & d_ok[None, :]
     if HAS_PE:
-        pe00, pe01, pe10, pe11 = _load_pe(PE + b * spe_b, rows, spe_l, spe_j, spe_r, spe_c,
-                                          (rows[:, None] < L) & (tl.arange(0, BLOCK_D // 2)[None, :] < D // 2),
-                                          BLOCK_L, BLOCK_D)
+        pe00, pe01, pe10, pe11 = _load_pe(PE + b * spe_b, rows, spe_l, L, D, BLOCK_L, BLOCK_D)
     out = b * so_b + h * so_h + rows[:, None] * so_l + offs_d[None, :] * so_d
     for part in tl.static_range(3):  # q, k, v: the 3 is outermost in the qkv columns
         cols = (part * H + h) * D + offs_d
@@ -82,7 +81,7 @@ def _fwd(QKV, RES, ALPHA, WQ, WK, PE, Q, K, V,
 
 @triton.jit
 def _bwd(QKV, RES, ALPHA, WQ, WK, PE, DQ, DK, DV, DQKV, DRES, DALPHA, DWQ, DWK,
-         s_b, s_l, sr_b, sr_l, spe_b, spe_l, spe_j, spe_r, spe_c, sdx_b, sdx_l, sdr_b, sdr_l,
+         s_b, s_l, sr_b, sr_l, spe_b, spe_l, sdx_b, sdx_l, sdr_b, sdr_l,
          sdq_b, sdq_h, sdq_l, sdq_d, sdk_b, sdk_h, sdk_l, sdk_d, sdv_b, sdv_h, sdv_l, sdv_d,
          H, L, K_rows, D, eps,
          HAS_RES: tl.constexpr, HAS_PE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -100,9 +99,7 @@ def _bwd(QKV, RES, ALPHA, WQ, WK, PE, DQ, DK, DV, DQKV, DRES, DALPHA, DWQ, DWK,
         res_mask = (rows[:, None] < K_rows) & d_ok[None, :]
         d_alpha = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     if HAS_PE:
-        pe00, pe01, pe10, pe11 = _load_pe(PE + b * spe_b, rows, spe_l, spe_j, spe_r, spe_c,
-                                          (rows[:, None] < L) & (tl.arange(0, BLOCK_D // 2)[None, :] < D // 2),
-                                          BLOCK_L, BLOCK_D)
+        pe00, pe01, pe10, pe11 = _load_pe(PE + b * spe_b, rows, spe_l, L, D, BLOCK_L, BLOCK_D)
     for part in tl.static_range(3):
         cols = (part * H + h) * D + offs_d
         if part == 2:
@@ -137,10 +134,12 @@ def _bwd(QKV, RES, ALPHA, WQ, WK, PE, DQ, DK, DV, DQKV, DRES, DALPHA, DWQ, DWK,
 
 
 def _pe_strides(pe, qkv):
+    """pe [B or 1, 1, L, D/2, 2, 2] with each row's D/2 x 2 x 2 table contiguous, and its (batch, row) strides."""
     if pe is None:
-        return qkv, (0, 0, 0, 0, 0)  # dummy pointer, never read
-    stride_b = pe.stride(0) if pe.shape[0] > 1 else 0  # [B or 1, 1, L, D/2, 2, 2]
-    return pe, (stride_b, pe.stride(2), pe.stride(3), pe.stride(4), pe.stride(5))
+        return qkv, (0, 0)  # dummy pointer, never read
+    if pe.stride()[3:] != (4, 2, 1):
+        pe = pe.contiguous()
+    return pe, (pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2))
 
 
 class QKVPrologue(torch.autograd.Function):

@@ -19,19 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_dq_inner, _fwd_inner, _load, _store, backward_dkdv, bucket, empty, launch_rows, poison,
-                    preprocess, row_stats, scales, tuned)
+from .flash import (_block, _dq_inner, _fwd_inner, _store, backward_dkdv, bucket, empty, launch_rows, poison,
+                    preprocess, row_stats, scales, tma_ok, tuned)
 
 
 @triton.jit
 def _prompted_fwd(Q, K, V, KP, VP, ALPHA, O, OP, LSE, LSE_P,
                   sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
                   skp_b, skp_h, skp_l, skp_d, svp_b, svp_h, svp_l, svp_d, so_b, so_h, so_l, so_d,
-                  H, Lq, Lk, Lk_p, D, qk_scale, LQ_KEY, LK_KEY, LKP_KEY,
+                  H, Lq, Lk, Lk_p, D, qk_scale, LQ_KEY, LK_KEY, LKP_KEY, TMA_OK,
                   STORE_OP: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """o = attn(q, k, v) + alpha attn(q, k_p, v_p) for one query tile of one head, both row LSEs, and o_p
-    = attn(q, k_p, v_p) when STORE_OP (training). LQ_KEY, LK_KEY, LKP_KEY: for the autotuner's key only."""
+    = attn(q, k_p, v_p) when STORE_OP (training). LQ_KEY, LK_KEY, LKP_KEY, TMA_OK: for the autotuner only."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -40,18 +40,20 @@ def _prompted_fwd(Q, K, V, KP, VP, ALPHA, O, OP, LSE, LSE_P,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = offs_d < D
-    q = _load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d, row_ok, d_ok, True, not EVEN_D)
+    q = _block(Q + b * sq_b + h * sq_h, pid_m * BLOCK_M, Lq, D, sq_l, sq_d, EVEN_D, BLOCK_M, BLOCK_D, TMA)
     # Two independent online softmaxes over the same q tile.
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
-                               sk_l, sk_d, sv_l, sv_d, Lk, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+                               sk_l, sk_d, sv_l, sv_d, Lk, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA,
+                               False)
     acc_p = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_p = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_p, m_p, l_p = _fwd_inner(acc_p, m_p, l_p, q, KP + b * skp_b + h * skp_h, VP + b * svp_b + h * svp_h,
-                                 skp_l, skp_d, svp_l, svp_d, Lk_p, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+                                 skp_l, skp_d, svp_l, svp_d, Lk_p, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION,
+                                 TMA, False)
     alpha = tl.load(ALPHA).to(tl.float32)
     o_p = acc_p / l_p[:, None]
     o = acc / l_i[:, None] + alpha * o_p
@@ -68,9 +70,9 @@ def _prompted_bwd_dq(Q, K, V, KP, VP, ALPHA, DO, LSE, LSE_P, Delta, Delta_P, DQ,
                      sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
                      skp_b, skp_h, skp_l, skp_d, svp_b, svp_h, svp_l, svp_d,
                      sdo_b, sdo_h, sdo_l, sdo_d, sdq_b, sdq_h, sdq_l, sdq_d,
-                     H, Lq, Lk, Lk_p, D, qk_scale, sm_scale, LQ_KEY, LK_KEY, LKP_KEY,
+                     H, Lq, Lk, Lk_p, D, qk_scale, sm_scale, LQ_KEY, LK_KEY, LKP_KEY, TMA_OK,
                      EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, TMA: tl.constexpr):
     """dQ = scale * (dS_b K + alpha dS_p K_p) for one query tile of one head: both key sets in one pass."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -80,9 +82,8 @@ def _prompted_bwd_dq(Q, K, V, KP, VP, ALPHA, DO, LSE, LSE_P, Delta, Delta_P, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     d_ok = offs_d < D
-    q = _load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d, row_ok, d_ok, True, not EVEN_D)
-    do = _load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_l + offs_d[None, :] * sdo_d, row_ok, d_ok,
-               True, not EVEN_D)
+    q = _block(Q + b * sq_b + h * sq_h, pid_m * BLOCK_M, Lq, D, sq_l, sq_d, EVEN_D, BLOCK_M, BLOCK_D, TMA)
+    do = _block(DO + b * sdo_b + h * sdo_h, pid_m * BLOCK_M, Lq, D, sdo_l, sdo_d, EVEN_D, BLOCK_M, BLOCK_D, TMA)
     stats = bh.to(tl.int64) * Lq + rows
     lse = tl.load(LSE + stats, mask=row_ok, other=0.0)
     delta = tl.load(Delta + stats, mask=row_ok, other=0.0)
@@ -90,10 +91,10 @@ def _prompted_bwd_dq(Q, K, V, KP, VP, ALPHA, DO, LSE, LSE_P, Delta, Delta_P, DQ,
     delta_p = tl.load(Delta_P + stats, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h,
-                   sk_l, sk_d, sv_l, sv_d, Lk, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+                   sk_l, sk_d, sv_l, sv_d, Lk, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA)
     dq_p = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_p = _dq_inner(dq_p, q, do, lse_p, delta_p, KP + b * skp_b + h * skp_h, VP + b * svp_b + h * svp_h,
-                     skp_l, skp_d, svp_l, svp_d, Lk_p, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+                     skp_l, skp_d, svp_l, svp_d, Lk_p, D, qk_scale, EVEN_D, BLOCK_N, BLOCK_D, PRECISION, TMA)
     alpha = tl.load(ALPHA).to(tl.float32)
     _store(DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_l + offs_d[None, :] * sdq_d,
            ((dq + alpha * dq_p) * sm_scale).to(DQ.dtype.element_ty), row_ok, d_ok, not EVEN_D)
@@ -120,7 +121,8 @@ class PromptedAttention(torch.autograd.Function):
         _, qk_scale = scales(q)
         launch_rows(_prompted_fwd_tuned, q, q, k, v, k_p, v_p, a, o, o_p, lse, lse_p,
                     *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(), *o.stride(),
-                    H, Lq, k.shape[2], k_p.shape[2], D, qk_scale, *keys(q, k, k_p), STORE_OP=store_op)
+                    H, Lq, k.shape[2], k_p.shape[2], D, qk_scale, *keys(q, k, k_p), TMA_OK=tma_ok(q, k, v, k_p, v_p),
+                    STORE_OP=store_op)
         ctx.save_for_backward(q, k, v, k_p, v_p, a, o, o_p, lse, lse_p)
         ctx.alpha_like = (alpha.shape, alpha.dtype, alpha.device)
         return o
@@ -143,7 +145,8 @@ class PromptedAttention(torch.autograd.Function):
             sm_scale, qk_scale = scales(q)
             launch_rows(_prompted_bwd_dq_tuned, q, q, k, v, k_p, v_p, a, do, lse, lse_p, delta, delta_p, dq,
                         *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(), *do.stride(),
-                        *dq.stride(), H, Lq, k.shape[2], k_p.shape[2], D, qk_scale, sm_scale, *keys(q, k, k_p))
+                        *dq.stride(), H, Lq, k.shape[2], k_p.shape[2], D, qk_scale, sm_scale, *keys(q, k, k_p),
+                        TMA_OK=tma_ok(q, k, v, k_p, v_p, do))
         return (dq, dk if need_k else None, dv if need_v else None, dk_p if need_kp else None,
                 dv_p if need_vp else None, d_alpha)
 

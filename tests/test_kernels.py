@@ -103,15 +103,24 @@ def test_attention_strided_inputs():
     assert_close("dqkv", grad, ref_grad, 1e-5)
 
 
+def most_configs():
+    """The longest config list of any attention kernel (sm_90 has the most: its TMA and warp-specialised ones)."""
+    from kernels import tuning
+    return max(len(configs) for gens in tuning.CONFIGS.values() for configs in gens.values())
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP16])
-@pytest.mark.parametrize("config", range(5))
+@pytest.mark.parametrize("config", range(most_configs()))
 def test_every_config_on_gpu(monkeypatch, config, dtype):
-    """Each config the autotuner may choose (MINIRESTORE_KERNELS_CONFIG forces the i-th), every attention
-    kernel, ragged shapes: attention fwd+bwd and the prompted attention with Wan's 226 context rows."""
+    """Each config the autotuner may choose (MINIRESTORE_KERNELS_CONFIG forces the i-th, modulo a kernel's
+    number), every attention kernel, ragged shapes: attention fwd+bwd and the prompted attention with Wan's
+    226 context rows. The inputs suit TMA, so on sm_90 the TMA and warp-specialised configs run too."""
+    from kernels import tuning
     monkeypatch.setenv("MINIRESTORE_KERNELS_CONFIG", str(config))
     torch.manual_seed(config)
     xs = leaves(dtype, (1, 3, 1000, 128), (1, 3, 777, 128), (1, 3, 777, 128))
+    assert tuning.tma_ok(*xs)
     check(kernels.attention, reference.attention, xs, TOL[dtype], "qkv")
     xs = leaves(dtype, (2, 2, 1500, 128), (2, 2, 226, 128), (2, 2, 226, 128), (2, 2, 226, 128), (2, 2, 226, 128))
     a = torch.tensor(0.7, device=DEVICE, requires_grad=True)
@@ -136,6 +145,29 @@ def test_large_score_magnitudes_against_sdpa(dtype):
     q, k, v = (torch.randn(1, 4, L, 128, device=DEVICE) for L in (1100, 900, 900))
     xs = [(x * s).to(dtype).requires_grad_() for x, s in ((q, 8.0), (k, 8.0), (v, 1.0))]
     check(kernels.attention, reference.attention, xs, TOL[dtype], "qkv")
+
+
+@pytest.mark.parametrize("warp_specialised", [False, True])
+def test_tma_paths_in_the_interpreter(monkeypatch, warp_specialised):
+    """The sm_90 configs' tensor-descriptor (TMA) loads, and the warp-specialised forward's one masked loop, run
+    by the interpreter on ragged shapes, forward and backward, plain and prompted; inputs a descriptor cannot
+    read (a 72-byte row: fp16 D=36) take the pointer loads instead."""
+    from kernels import tuning
+    monkeypatch.setattr(tuning, "INTERPRET_TILE", tuning.Tile(32, 64, 4, 1, tma=True, ws=warp_specialised))
+    used = []
+    real = tuning.constexprs_of
+    monkeypatch.setattr(tuning, "constexprs_of", lambda tile, fn: used.append(tile.tma) or real(tile, fn))
+    for dtype, Lq, Lk, D in [(torch.float32, 77, 130, 40), (FP16, 130, 45, 64), (FP16, 45, 70, 36)]:
+        torch.manual_seed(Lq + D)
+        xs = leaves(dtype, (1, 2, Lq, D), (1, 2, Lk, D), (1, 2, Lk, D))
+        assert tuning.tma_ok(*xs) == (D != 36)
+        used.clear()
+        check(kernels.attention, reference.attention, xs, TOL[dtype], "qkv")
+        assert used == [D != 36] * 3  # forward, dK/dV, dQ
+        xs = leaves(dtype, (1, 2, Lq, D), (1, 2, Lk, D), (1, 2, Lk, D), (1, 2, 29, D), (1, 2, 29, D))
+        a = torch.tensor(0.7, device=DEVICE, requires_grad=True)
+        check(kernels.prompted_attention, reference.prompted_attention, xs + [a], TOL[dtype],
+              ["q", "k", "v", "k_p", "v_p", "alpha"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +259,8 @@ def test_qkv_prologue(dtype, B, H, L, D, K, res_batch, pe_batch, alpha, extra_co
     C = 3 * H * D
     wide = torch.randn(B, L, C + extra_cols, device=DEVICE).to(dtype).requires_grad_()
     pe = pe_table(pe_batch, L, D) if pe_batch else None
+    if pe_batch == 2:  # the same table with its 2x2 matrices stored transposed: not contiguous per row
+        pe = pe.transpose(-1, -2).contiguous().transpose(-1, -2)
     xs = [wide, (torch.rand(D, device=DEVICE) + 0.5).requires_grad_(), (torch.rand(D, device=DEVICE) + 0.5).requires_grad_()]
     names = ["qkv", "q_scale", "k_scale"]
     if res_batch:
