@@ -179,6 +179,54 @@ def load_split(split, cache=None, rows=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# A pack: the cached photographs as JPEG files, to carry to a machine that cannot reach the registries
+# ---------------------------------------------------------------------------------------------
+
+PACK_QUALITY = 95  # JPEG quality of a pack (4:4:4 chroma): about 0.6 MB a photograph, 40 dB and more
+
+
+def pack(dest, splits=("train", "val"), cache=None, rows=None, quality=PACK_QUALITY):
+    """Write the cached photographs of `splits` into the folder dest as <name>.jpg -> the files written.
+    For a GPU machine with no way to the package registries (benchmarks/gpu_pretrain.sh): the cache's arrays
+    (175 MB) do not fit the 64 MiB a device run may carry, JPEG at quality 95 does (train + val: about 17 MB).
+    The copy is lossy (about 40 dB), which is far below the noise the model learns to remove; what the CPU
+    recipe trains on stays the cached arrays themselves."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split in splits:
+        arrays, names = load_split(split, cache, rows)
+        for array, name in zip(arrays, names):
+            tmp = dest / f".{name}.jpg.tmp"
+            Image.fromarray(array).save(tmp, "JPEG", quality=quality, subsampling=0)
+            os.replace(tmp, dest / f"{name}.jpg")
+            written.append(dest / f"{name}.jpg")
+    return written
+
+
+def unpack(src, cache=None, rows=None):
+    """Decode a pack's <name>.jpg files into the cache as <name>.npy (what load_split reads) -> the names.
+    Every file must be a photograph of the list: a stray or misnamed file is refused in one line."""
+    src, cache = Path(src), cache_dir(cache)
+    files = sorted(src.glob("*.jpg"))
+    if not files:
+        raise UserError(f"{src} holds no .jpg files: make a pack with `python -m minirestore.photos --pack {src}`")
+    listed = {r.name for r in (read_list() if rows is None else rows)}
+    unknown = [f.name for f in files if f.stem not in listed]
+    if unknown:
+        raise UserError(f"{src}: {', '.join(unknown)} are not photographs of photos.tsv; remove them or repack")
+    cache.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        with Image.open(f) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        tmp = cache / f".{f.stem}.npy.tmp"
+        with open(tmp, "wb") as out:
+            np.save(out, array)
+        os.replace(tmp, cache / f"{f.stem}.npy")
+    return [f.stem for f in files]
+
+
+# ---------------------------------------------------------------------------------------------
 # Multi-scale crops and their descriptors
 # ---------------------------------------------------------------------------------------------
 
@@ -187,12 +235,16 @@ class PhotoCrops:
 
     crop(rng, size): a photograph uniformly, a scale f = (short / size)^u with u ~ U(0, 1) (log-uniform
     between a full-detail patch and the whole short side), a position uniformly, a horizontal flip half the
-    time; the region of side size * f is resized to size (bilinear with antialiasing)."""
+    time; the region of side size * f is resized to size (bilinear with antialiasing).
+    device: where the photographs are held and the crops are made ("cuda" for GPU pre-training, where cutting
+    and shrinking a 1024 px region on the CPU would starve the GPU); the random draws stay on the CPU (numpy),
+    so a seed gives the same crops on any device."""
 
-    def __init__(self, split="train", cache=None, rows=None):
-        self.images, self.names = load_split(split, cache, rows)
-        if not self.images:
+    def __init__(self, split="train", cache=None, rows=None, device="cpu"):
+        arrays, self.names = load_split(split, cache, rows)
+        if not arrays:
             raise UserError(f"photos.tsv lists no {split} photographs")
+        self.images = [torch.from_numpy(a).to(device) for a in arrays]  # uint8 [H, W, 3]
 
     def __len__(self):
         return len(self.images)
@@ -204,7 +256,7 @@ class PhotoCrops:
         u = rng.random() if scale is None else scale
         side = int(round(min(size * (min(H, W) / size) ** u, H, W)))
         top, left = rng.integers(H - side + 1), rng.integers(W - side + 1)
-        x = torch.from_numpy(np.ascontiguousarray(image[top:top + side, left:left + side])).permute(2, 0, 1)
+        x = image[top:top + side, left:left + side].permute(2, 0, 1).contiguous()
         x = x.float()[None] / 255
         if side != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -219,36 +271,50 @@ PHOTO_WORDS = BRIGHTNESS  # words photos add to the procedural vocabulary
 
 def describe(image):
     """image [3, H, W] in [0, 1] -> 4 words: colour, brightness, texture, edges, e.g. "warm bright textured sharp".
+    The words of describe_batch for one image."""
+    return describe_batch(image[None])[0]
+
+
+def describe_batch(images):
+    """images [B, 3, H, W] in [0, 1] -> B lists of 4 words (colour, brightness, texture, edges), computed for
+    the whole batch at once on the images' device (one transfer of the decisions at the end).
 
     colour: grey if the mean saturation is low, pastel if light and weakly saturated, vivid if strongly
     saturated, else the dominant hue's family (warm: magenta-orange, earthy: yellow-green, cool: cyan-violet);
     brightness: the mean luma's tercile; texture: the fine-detail energy (luma minus its 3x3 box mean);
     edges: the 99th percentile of the luma gradient. Thresholds are round numbers near the quantiles of
     1000 training crops at 64 px (brightness near its terciles, texture and edges near their medians)."""
-    r, g, b = image[0], image[1], image[2]
-    mx, mn = image.max(0).values, image.min(0).values
-    sat = ((mx - mn) / mx.clamp(min=1e-3)).mean().item()
+    x = images.float()
+    B = x.shape[0]
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    mx, mn = x.max(1).values, x.min(1).values
+    sat = ((mx - mn) / mx.clamp(min=1e-3)).flatten(1).mean(1)
     luma = 0.299 * r + 0.587 * g + 0.114 * b
-    light = luma.mean().item()
+    light = luma.flatten(1).mean(1)
     hue = torch.atan2(3 ** 0.5 * (g - b), 2 * r - g - b).rad2deg() % 360  # 0 red, 60 yellow, 120 green, ...
-    weight = (mx - mn).flatten()
-    hist = torch.histc(hue.flatten(), 6, 0, 360) if weight.sum() == 0 else \
-        torch.zeros(6).index_add_(0, (hue.flatten() // 60).long().clamp(0, 5), weight)
-    family = ["warm", "earthy", "earthy", "cool", "cool", "warm"][int(hist.argmax())]
-    if sat < 0.15:
-        colour = "grey"
-    elif sat < 0.35 and light > 0.6:
-        colour = "pastel"
-    elif sat > 0.75:
-        colour = "vivid"
-    else:
-        colour = family
-    brightness = BRIGHTNESS[0 if light < 0.4 else 1 if light < 0.55 else 2]
-    box = F.avg_pool2d(luma[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
-    texture = "textured" if (luma - box).abs().mean().item() > 0.008 else "smooth"
-    grad = torch.cat([(luma[1:] - luma[:-1]).abs().flatten(), (luma[:, 1:] - luma[:, :-1]).abs().flatten()])
-    edges = "sharp" if torch.quantile(grad, 0.99).item() > 0.12 else "soft"
-    return [colour, brightness, texture, edges]
+    sector = (hue // 60).long().clamp(0, 5).flatten(1)
+    weight = (mx - mn).flatten(1)
+    weight = torch.where(weight.sum(1, keepdim=True) == 0, torch.ones_like(weight), weight)  # all grey: count
+    hist = torch.zeros(B, 6, device=x.device).scatter_add_(1, sector, weight)
+    box = F.avg_pool2d(luma[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
+    detail = (luma - box).abs().flatten(1).mean(1)
+    grad = torch.cat([(luma[:, 1:] - luma[:, :-1]).abs().flatten(1), (luma[:, :, 1:] - luma[:, :, :-1]).abs().flatten(1)], 1)
+    edge = torch.quantile(grad, 0.99, dim=1)
+    stats = torch.stack([sat, light, hist.argmax(1).float(), detail, edge], 1).tolist()
+    words = []
+    for sat, light, sector, detail, edge in stats:
+        family = ["warm", "earthy", "earthy", "cool", "cool", "warm"][int(sector)]
+        if sat < 0.15:
+            colour = "grey"
+        elif sat < 0.35 and light > 0.6:
+            colour = "pastel"
+        elif sat > 0.75:
+            colour = "vivid"
+        else:
+            colour = family
+        brightness = BRIGHTNESS[0 if light < 0.4 else 1 if light < 0.55 else 2]
+        words.append([colour, brightness, "textured" if detail > 0.008 else "smooth", "sharp" if edge > 0.12 else "soft"])
+    return words
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,12 +325,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Fetch the tiny default's photographs (Debian wallpaper packages) "
                                             "into the cache and list them.")
     p.add_argument("--cache", help="cache folder (default: $MINIRESTORE_PHOTOS or ~/.cache/minirestore/photos)")
+    p.add_argument("--pack", metavar="DIR", help="then write the train and val photographs into DIR as JPEG "
+                                                 "(to carry to a GPU machine; see benchmarks/gpu_pretrain.sh)")
+    p.add_argument("--unpack", metavar="DIR", help="instead of fetching, decode a pack from DIR into the cache")
     args = p.parse_args(argv)
+    if args.unpack:
+        names = unpack(args.unpack, args.cache)
+        print(f"{len(names)} photographs unpacked from {args.unpack} into {cache_dir(args.cache)}")
+        return
     cache = fetch(args.cache)
     for r in read_list():
         h, w, _ = np.load(cache / f"{r.name}.npy", mmap_mode="r").shape
         print(f"{r.split:5s}  {r.name:28s} {w:4d} x {h:4d}  {r.licence:14s} {r.package}")
     print(f"{len(read_list())} photographs in {cache}")
+    if args.pack:
+        files = pack(args.pack, cache=cache)
+        size = sum(f.stat().st_size for f in files) / 2**20
+        print(f"{len(files)} photographs (train, val) packed into {args.pack}: {size:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -150,3 +150,33 @@ def test_descriptors_are_words_of_the_text_encoder():
     red[:, :, 16:] = torch.rand(3, 32, 16, generator=g)  # half red, half noise: textured, sharp
     words = photos.describe(red)
     assert words[2:] == ["textured", "sharp"] and set(words) <= vocab
+
+
+def test_descriptors_of_a_batch_are_each_image_s_own():
+    g = torch.Generator().manual_seed(1)
+    batch = torch.rand(6, 3, 24, 24, generator=g) ** torch.linspace(0.3, 4, 6)[:, None, None, None]  # dark..bright
+    batch[0] = 0.5  # all grey: no hue to weigh, counted instead
+    batch[1, 1:] = 0.05  # red on black
+    words = photos.describe_batch(batch)
+    assert words == [photos.describe(x) for x in batch]  # a batch changes nothing
+    assert words[0][0] == "grey" and words[1][0] in ("warm", "vivid")
+    assert len({w[1] for w in words}) > 1  # the brightness words follow the images
+
+
+def test_a_pack_carries_the_photographs_as_jpeg(fake_package, tmp_path):
+    deb, rows = fake_package
+    download, _ = local_download(deb)
+    cache = photos.fetch(tmp_path / "cache", rows, download=download, progress=lambda *a: None)
+    files = photos.pack(tmp_path / "pack", splits=("train", "val"), cache=cache, rows=rows)
+    assert sorted(f.name for f in files) == sorted(f"{r.name}.jpg" for r in rows if r.split in ("train", "val"))
+    names = photos.unpack(tmp_path / "pack", tmp_path / "there", rows)
+    for name in names:  # decoded where load_split reads, close to the original (JPEG at quality 95)
+        a, b = (np.load(d / f"{name}.npy").astype(np.float64) / 255 for d in (cache, tmp_path / "there"))
+        assert a.shape == b.shape and 10 * np.log10(1 / np.mean((a - b) ** 2)) > 35
+    crops = photos.PhotoCrops("train", tmp_path / "there", rows)
+    assert crops.crop(np.random.default_rng(0), 32).shape == (3, 32, 32)
+    (tmp_path / "pack" / "holiday.jpg").write_bytes(files[0].read_bytes())
+    with pytest.raises(UserError, match="holiday.jpg are not photographs of photos.tsv"):
+        photos.unpack(tmp_path / "pack", tmp_path / "there", rows)
+    with pytest.raises(UserError, match="holds no .jpg files"):
+        photos.unpack(tmp_path / "empty", tmp_path / "there", rows)
