@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from . import UserError, hub
+from .loading import resolve, weights_file
 from .prompts import PromptBank
 
 FLUX_MODELS = ("flux-dev", "flux-schnell")
 WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 WAN_CONTEXT_LENGTH = 226  # the released Wan prompts are [1, 226, 1536]; the official pipeline pads to 512
-TINY_DIR = Path(__file__).resolve().parents[1] / "weights" / "tiny"
+TINY_DIR = hub.TINY_DIR
 
 
 @dataclass
@@ -116,9 +117,10 @@ def transformer_bytes(source):
     if str(source) in hub.WAN_HUB:
         return hub.WAN_HUB[str(source)][2] / 2  # the released files are fp32
     folder = TINY_DIR if str(source) == "tiny" else Path(str(source)).expanduser()
-    for name in ("flux.safetensors", "wan.safetensors"):
-        if (folder / name).exists():
-            return (folder / name).stat().st_size
+    for stem in ("flux", "wan"):
+        f = weights_file(folder, stem)
+        if f.exists():
+            return sum(shard.stat().st_size for shard in resolve(f))
     return None
 
 
@@ -174,8 +176,8 @@ def _load_folder(folder, device, dtype, quantise=None):
                         "holds flux.safetensors or wan.safetensors, its codec and context.safetensors)")
     context, meta = load_context(ctx_file)
     name = meta.get("backbone") or folder.name
-    if (folder / "flux.safetensors").exists():
-        model = hub.load_flux(folder / "flux.safetensors", device=device, dtype=dtype, quantise=quantise)
+    if weights_file(folder, "flux").exists():  # flux.safetensors, or its shards' index
+        model = hub.load_flux(weights_file(folder, "flux"), device=device, dtype=dtype, quantise=quantise)
         if (folder / "ae.safetensors").exists():
             vae = hub.load_autoencoder(folder / "ae.safetensors", device=device, dtype=torch.float32)
         elif meta.get("codec") == "pixel2":

@@ -8,7 +8,7 @@ This file only gathers; the code lives downhill of it:
 None of them imports this file.
 """
 from .hub_flux import (  # noqa: F401
-    AE_HUB, FLUX_HUB, TINY_FLUX, autoencoder_config_from_shapes, flux_config_from_shapes, flux_diffusers_map,
+    AE_HUB, FLUX_HUB, TINY_DIR, autoencoder_config_from_shapes, flux_config_from_shapes, flux_diffusers_map,
     load_autoencoder, load_flux,
 )
 from .hub_text import (  # noqa: F401

@@ -6,14 +6,14 @@ from pathlib import Path
 import torch
 
 from . import UserError
-from .loading import Checkpoint, describe, load_model, resolve
+from .loading import Checkpoint, describe, load_model, resolve, weights_file
 
 # name -> (Hub repo, file in the repo, size in bytes for messages, gated)
 FLUX_HUB = {
     "flux-dev": ("black-forest-labs/FLUX.1-dev", "flux1-dev.safetensors", 23.8e9, True),
     "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors", 23.8e9, False),
 }
-TINY_FLUX = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "flux.safetensors"
+TINY_DIR = Path(__file__).resolve().parents[1] / "weights" / "tiny"  # flux.safetensors, or its shards and index
 AE_HUB = {
     "flux-dev": ("black-forest-labs/FLUX.1-dev", "ae.safetensors", 335e6, True),
     "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "ae.safetensors", 335e6, False),
@@ -146,7 +146,7 @@ def load_flux(source, config=None, device="cpu", dtype=torch.bfloat16, filename=
     from .flux import Flux, FluxConfig
 
     if str(source) == "tiny":  # the embedded default, shipped in the repository's weights/tiny/
-        source = TINY_FLUX
+        source = weights_file(TINY_DIR, "flux")
         if not source.exists():
             raise UserError(f"the tiny default is not in {source.parent}: reproduce it with `python -m minirestore.pretrain`")
     files = resolve(source, FLUX_HUB, hub_subfolder="transformer", filename=filename)

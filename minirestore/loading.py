@@ -11,13 +11,17 @@ and import nothing from each other; minirestore.hub gathers their public names):
      streams tensors into it one at a time, cast to the target dtype, through a key map
      (our key -> the file's keys and how to combine them). Peak host memory stays near one copy of
      the model.
+  4. `save_weights` is the other direction for the models trained here (the tiny default): one
+     safetensors file, or shards under SHARD_BYTES with an index json, the layout `resolve` reads back.
 """
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import UserError
@@ -64,22 +68,39 @@ def safetensors_files(folder):
     """The safetensors files of a folder: the shards named by an index json, or every *.safetensors."""
     folder = Path(folder)
     for index in sorted(folder.glob("*.safetensors.index.json")):
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise UserError(f"{index} names shards that are not there: {', '.join(missing)}")
-        return files
+        return index_shards(index)
     files = sorted(list(folder.glob("*.safetensors")) + list(folder.glob("*.sft")))
     if not files:
         raise UserError(f"no .safetensors files in {folder}")
     return files
 
 
+def index_shards(index):
+    """The shard files an index json (`{"weight_map": {tensor name: shard file name}}`) names, beside it."""
+    index = Path(index)
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{index} is not a readable safetensors index ({type(e).__name__}: {e}); "
+                        "write the weights again") from None
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise UserError(f"{index} names shards that are not there: {', '.join(missing)}")
+    return files
+
+
+def weights_file(folder, stem):
+    """A folder's `stem` weights as save_weights wrote them: `stem.safetensors.index.json` when sharded, else
+    `stem.safetensors` (returned even when absent, so the caller's message names what is missing)."""
+    index = Path(folder) / f"{stem}.safetensors.index.json"
+    return index if index.exists() else Path(folder) / f"{stem}.safetensors"
+
+
 def resolve(source, hub_names=None, hub_subfolder=None, filename=None):
     """A source -> list of safetensors files.
 
-    source: a .safetensors file; a folder (its index's shards, or all its .safetensors; if it has
+    source: a .safetensors file; an index json (its shards); a folder (its index's shards, or all its .safetensors; if it has
     `hub_subfolder`, that subfolder's); a name in `hub_names` (-> (repo, file, size, gated)); a Hub
     repo id with `filename`; or "owner/repo/path/in/repo.safetensors".
     """
@@ -88,7 +109,7 @@ def resolve(source, hub_names=None, hub_subfolder=None, filename=None):
         return [hub_file(str(source), filename)]
     path = Path(str(source)).expanduser()
     if path.is_file():
-        return [path]
+        return index_shards(path) if path.name.endswith(".index.json") else [path]
     if path.is_dir():
         if hub_subfolder and (path / hub_subfolder).is_dir():
             path = path / hub_subfolder
@@ -261,3 +282,52 @@ class TorchCheckpoint:
 
     def config(self):
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Writing: one file, or shards with an index
+# ---------------------------------------------------------------------------------------------
+
+SHARD_BYTES = 15 * 2**20  # tensor bytes a shard: files under the 16 MiB a device run brings back (header included)
+
+
+def save_weights(state, folder, stem, metadata=None, max_bytes=None):
+    """Write a state dict as folder/stem.safetensors, or, when its tensors pass max_bytes, as shards
+    stem-00001-of-0000N.safetensors (each under max_bytes, tensors kept whole and in order) plus
+    stem.safetensors.index.json (the Hugging Face layout). Every shard carries the metadata, so each one
+    says what it is. Each file is written to a temporary name and renamed; the other layout's files, left
+    by an earlier write, are removed afterwards. max_bytes: SHARD_BYTES unless given. -> the files written."""
+    max_bytes = max_bytes or SHARD_BYTES
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    shards, size = [[]], 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+
+    def write(path, save):  # to a temporary name, then renamed: a crash never leaves half a file
+        tmp = path.with_name(f".{path.name}.tmp")
+        save(tmp)
+        os.replace(tmp, path)
+        return path
+
+    old = [folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json",
+           *folder.glob(f"{stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors")]
+    n, written, weight_map = len(shards), [], {}
+    for i, names in enumerate(shards, 1):
+        path = folder / (f"{stem}.safetensors" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.safetensors")
+        written.append(write(path, lambda p: save_file({k: state[k] for k in names}, str(p), metadata=metadata)))
+        weight_map.update({k: path.name for k in names})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        written.append(write(folder / f"{stem}.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=1))))
+    for f in old:
+        if f not in written and f.exists():
+            f.unlink()
+    return written

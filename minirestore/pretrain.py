@@ -13,10 +13,16 @@ distribution: the restoration method runs it on the empty-prompt context (paper.
 size drawn from --sizes (one seed draws the same scene at any size), so sampling works beyond 64 x 64.
 AdamW, linear warm-up then cosine decay, gradient clipping; an EMA of the weights is what gets saved.
 
+On a GPU (benchmarks/gpu_pretrain.sh): --precision bf16 runs the forward under bf16 autocast (fp32 master
+weights, optimiser and EMA); the photographs live on the GPU, where the crops are cut and shrunk; t and the
+noise come from a generator on the GPU; --time-budget S picks --steps after the warm-up, from the measured
+speed, so the run ends in about S seconds (the resolved --steps is printed and stored: rerun with it to repeat
+the schedule). The transformer is written in shards of at most 16 MiB (loading.save_weights) when it is larger.
+
 The shipped recipe is in the README (its commands and their stages; the weights' metadata holds every
 stage's config).
 
-Outputs: the backbone folder --out (flux.safetensors with BFL keys, text.safetensors, context.safetensors
+Outputs: the backbone folder --out (flux.safetensors with BFL keys, or its shards and index; text.safetensors, context.safetensors
 for ""), sample grids, checkpoint.pt (for --resume) and eval.json (generated vs held-out statistics) in
 --run-dir. The evaluation also scores the frozen model as a denoiser on held-out photographs (the
 ablation's score, `denoise_psnr`).
@@ -41,7 +47,8 @@ from .cli import run
 from .context import save_context
 from .flux import Flux, get_schedule, pack, prepare_ids, unpack
 from .metrics import psnr
-from .photos import PhotoCrops, describe
+from .loading import save_weights, weights_file
+from .photos import PhotoCrops, describe_batch
 from .procedural import colour_histogram_distance, dead_leaves, radial_power_slope
 from .tiny import PixelCodec, TextConfig, TinyTextEncoder, load_text_encoder, tiny_config
 
@@ -82,6 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance of the conditional grid rows")
     p.add_argument("--eval-n", type=int, default=128, help="images per set in the final evaluation")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the forward under bf16 autocast (GPU runs); weights, optimiser and EMA stay fp32")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="choose --steps at the end of the warm-up so that training takes about this long")
     args = p.parse_args(argv)
     if args.steps < 0:
         raise UserError(f"--steps must be 0 (write the initial weights) or more, got {args.steps}")
@@ -92,6 +103,9 @@ def parse_args(argv=None):
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.warmup < 0 or not 0 <= args.ema < 1 or not 0 <= args.cond_drop <= 1:
         raise UserError("--warmup must be 0 or more, --ema in [0, 1), --cond-drop in [0, 1]")
+    if args.time_budget is not None and (not args.time_budget > 0 or args.warmup < 4):
+        raise UserError("--time-budget needs a positive number of seconds and --warmup 4 or more "
+                        "(the warm-up's second half is what it times)")
     return args
 
 
@@ -102,28 +116,28 @@ def parse_args(argv=None):
 def batch(step, batch_size, size, seed, data="leaves", photos=None):
     """The training batch of a step, a function of (step, seed) only, so --resume sees the same data:
     images [B, 3, size, size] in [0, 1] and their prompts (descriptor words joined by spaces).
-    data "photos+leaves": the first half of the batch are photo crops, the rest dead leaves."""
+    data "photos+leaves": the first half of the batch are photo crops, the rest dead leaves. Photo crops are
+    made where the photographs are (PhotoCrops' device, where the batch is returned) and described at once."""
     n_photos = {"photos": batch_size, "leaves": 0}.get(data, batch_size // 2)
     rng = np.random.default_rng([seed, step])
-    images, words = [], []
-    for j in range(batch_size):
-        if j < n_photos:
-            image = photos.crop(rng, size)
-            images.append(image), words.append(describe(image))
-        else:
-            image, w = dead_leaves(seed * 1_000_003 + step * batch_size + j, size)
-            images.append(image), words.append(w)
-    return torch.stack(images), [" ".join(w) for w in words]
+    images = torch.stack([photos.crop(rng, size) for _ in range(n_photos)]) if n_photos else None
+    words = describe_batch(images) if n_photos else []
+    leaves = [dead_leaves(seed * 1_000_003 + step * batch_size + j, size) for j in range(n_photos, batch_size)]
+    words += [w for _, w in leaves]
+    if leaves:
+        leaves = torch.stack([image for image, _ in leaves])
+        images = leaves if images is None else torch.cat([images, leaves.to(images.device)])
+    return images, [" ".join(w) for w in words]
 
 
 def load_init(folder, flux, text):
     """Copy a backbone folder's weights (flux.safetensors, text.safetensors, as write_backbone writes them,
     read by the package's one loader) into flux and text. -> the pretrain config in their metadata (a dict)."""
     folder = Path(folder)
-    for name in ("flux.safetensors", "text.safetensors"):
-        if not (folder / name).is_file():
-            raise SystemExit(f"--init {folder}: no {name} there; give a folder that pretrain wrote (--out)")
-    loaded = hub.load_flux(folder / "flux.safetensors", dtype=torch.float32)
+    for path in (weights_file(folder, "flux"), folder / "text.safetensors"):
+        if not path.is_file():
+            raise SystemExit(f"--init {folder}: no {path.name} there; give a folder that pretrain wrote (--out)")
+    loaded = hub.load_flux(weights_file(folder, "flux"), dtype=torch.float32)
     if loaded.config != flux.config:
         raise SystemExit(f"--init {folder}: its transformer is {loaded.config}, not the one --width, --double and "
                          f"--single ask for ({flux.config})")
@@ -135,7 +149,7 @@ def load_init(folder, flux, text):
     # Words this vocabulary adds (e.g. the photos' brightness words) keep their fresh embeddings.
     state["token_embedding.weight"] = torch.cat([state["token_embedding.weight"], text.token_embedding.weight[n:]])
     text.load_state_dict(state)
-    return json.loads(hub.Checkpoint([folder / "flux.safetensors"]).metadata.get("pretrain", "{}"))
+    return json.loads(hub.Checkpoint(hub.resolve(weights_file(folder, "flux"))).metadata.get("pretrain", "{}"))
 
 
 def init_weights(flux):
@@ -217,18 +231,29 @@ def _atomic(path, write):
 
 
 def write_backbone(out, flux, text, pretrain_config):
-    """The backbone folder: flux.safetensors (BFL keys), text.safetensors, context.safetensors ("")."""
+    """The backbone folder: flux.safetensors (BFL keys; shards and an index past 16 MiB), text.safetensors,
+    context.safetensors ("")."""
     out = Path(out)
-    flux_state = {k: v.detach().float().cpu().contiguous() for k, v in flux.state_dict().items()}
+    flux_state = {k: v.detach().float() for k, v in flux.state_dict().items()}
     meta = {"minirestore_config": json.dumps(asdict(flux.config)), "pretrain": json.dumps(pretrain_config),
             "codec": "pixel2"}
-    _atomic(out / "flux.safetensors", lambda p: save_file(flux_state, str(p), metadata=meta))
+    save_weights(flux_state, out, "flux", meta)
     text_state = {k: v.detach().float().cpu().contiguous() for k, v in text.state_dict().items()}
     meta = {"minirestore_config": json.dumps(asdict(text.config)), "pretrain": json.dumps(pretrain_config)}
     _atomic(out / "text.safetensors", lambda p: save_file(text_state, str(p), metadata=meta))
     with torch.no_grad():
         ctx = text.encode([""])  # txt [1, 16, 64], y [1, 64]
     save_context(out / "context.safetensors", ctx, {"backbone": "tiny", "codec": "pixel2"})
+
+
+def resolve_steps(args, step, timer_step, timer_time, elapsed):
+    """--time-budget: the number of steps that ends training about `time_budget` seconds after it began, from
+    the speed of the steps timer_step..step (compiled and warm by then; batch sizes vary, so it is an average)."""
+    per_step = (time.time() - timer_time) / max(1, step - timer_step)
+    steps = max(step + 1, step + int((args.time_budget - elapsed) / per_step))
+    print(f"--time-budget {args.time_budget:g} s: {per_step * 1000:.1f} ms a step after the warm-up, so --steps {steps}",
+          flush=True)
+    return steps
 
 
 def lr_at(step, args):
@@ -297,12 +322,12 @@ def train(args):
     if any(s % 4 for s in sizes):
         raise SystemExit(f"--sizes {args.sizes}: every size must be a multiple of 4 (codec 2 x patch 2)")
     # What determines the weights (stored in their metadata); not where they go or how fast.
-    where = ("out", "run_dir", "device", "resume", "threads")
+    where = ("out", "run_dir", "device", "resume", "threads", "time_budget")
     pretrain_config = {k: v for k, v in vars(args).items() if k not in where}
 
     torch.manual_seed(args.seed)
     flux = init_weights(Flux(tiny_config(args.width, args.double, args.single))).to(device)
-    photos = PhotoCrops("train") if "photos" in args.data else None
+    photos = PhotoCrops("train", device=device) if "photos" in args.data else None
     text = TinyTextEncoder(TextConfig()).to(device)
     torch.nn.init.normal_(text.position_embedding, std=0.02)
     if args.init:  # stage 2: the weights of an earlier run; its config goes into ours, so the lineage is stored
@@ -311,7 +336,11 @@ def train(args):
     params = list(flux.parameters()) + list(text.parameters())
     ema_params = list(ema_flux.parameters()) + list(ema_text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed)  # t, noise, prompt drop and batch size: all from here
+    gen = torch.Generator().manual_seed(args.seed)  # prompt drop and batch size (and on the CPU t and noise)
+    # t and the noise: on a GPU from a generator there (a [B, 12, 32, 32] draw a step would tie up the CPU);
+    # on the CPU the same generator, so CPU runs draw exactly what they always did.
+    dgen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(args.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     step = 0
     if args.resume and ckpt_path.exists():
         # Tensors, numbers and strings only (weights_only=True): a planted pickle in the run folder runs no code.
@@ -321,8 +350,12 @@ def train(args):
                 module.load_state_dict(ck[key])
             opt.load_state_dict(ck["opt"])
             gen.set_state(ck["rng"].cpu())  # the generator's state, a uint8 tensor
+            if dgen is not gen:
+                dgen.set_state(ck["device_rng"].cpu())
             step = int(ck["step"])
-            json.loads(ck["args"])
+            saved = json.loads(ck["args"])
+            if args.time_budget and step >= args.warmup:  # the budget was turned into steps before the stop
+                args.steps = pretrain_config["steps"] = saved["steps"]
         except Exception as e:  # truncated, another model's, another format, or code to run
             raise UserError(f"--resume: {ckpt_path} is not a readable checkpoint of this run ({type(e).__name__}: "
                             f"{str(e)[:120]}); delete it to start afresh, or pass another --run-dir") from None
@@ -334,23 +367,33 @@ def train(args):
         state = {"flux": flux.state_dict(), "text": text.state_dict(), "ema_flux": ema_flux.state_dict(),
                  "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(), "step": step,
                  "args": json.dumps(vars(args))}  # the config as JSON: every value loads with weights_only=True
+        if dgen is not gen:
+            state["device_rng"] = dgen.get_state()
         _atomic(ckpt_path, lambda p: torch.save(state, p))
         write_backbone(args.out, ema_flux, ema_text, pretrain_config)
 
     codec = PixelCodec()
     bar = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
-    smooth, seen, t_start = None, 0, time.time()
+    smooth, seen, t_start, timer = None, 0, time.time(), None
     while step < args.steps:
+        if args.time_budget and step == args.warmup // 2:  # the budget's clock: the warm-up's second half
+            timer = (step, time.time())
+        if args.time_budget and step == args.warmup and timer:
+            args.steps = resolve_steps(args, step, *timer, time.time() - t_start)
+            pretrain_config["steps"] = args.steps
+            bar.total = args.steps
         size = sizes[int(torch.randint(len(sizes), (1,), generator=gen))]
         images, prompts = batch(step, args.batch_size, size, args.seed, args.data, photos)
         B = images.shape[0]
         drop = torch.rand(B, generator=gen) < args.cond_drop
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        t = torch.sigmoid(torch.randn(B, generator=gen) + args.t_mean).to(device)  # logit-normal times
-        eps = torch.randn(B, 12, size // 2, size // 2, generator=gen).to(device)
+        t = torch.sigmoid(torch.randn(B, generator=dgen, device=dgen.device) + args.t_mean).to(device)  # logit-normal
+        eps = torch.randn(B, 12, size // 2, size // 2, generator=dgen, device=dgen.device).to(device)
         x0 = codec.encode(images.to(device) * 2 - 1)  # [B, 12, size/2, size/2]
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-        loss = (velocity(flux, text.encode(prompts), xt, t) - (eps - x0)).pow(2).mean()
+        with autocast:
+            v = velocity(flux, text.encode(prompts), xt, t)
+        loss = (v.float() - (eps - x0)).pow(2).mean()
 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
@@ -364,8 +407,9 @@ def train(args):
         step += 1
 
         seen += B
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{seen / (time.time() - t_start):.1f}", size=size)
+        if step % 10 == 0 or step == args.steps:  # not every step: .item() waits for the GPU
+            smooth = loss.item() if smooth is None else 0.8 * smooth + 0.2 * loss.item()
+            bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{seen / (time.time() - t_start):.1f}", size=size)
         bar.update(1)
         if step % args.sample_every == 0 or step == args.steps:
             sample_grid(ema_flux, ema_text, run_dir / f"samples_{step:06d}.png", args.sample_steps, args.cfg)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from minirestore import hub, pretrain
+from minirestore import UserError, hub, pretrain
 from minirestore.context import load_context
 from minirestore.flux import pack, prepare_ids
 from minirestore.tiny import PixelCodec, load_text_encoder
@@ -158,3 +158,41 @@ def test_init_extends_an_older_vocabulary(tmp_path):
     assert len(text_b.config.vocab) == n + len(PHOTO_WORDS)
     assert torch.equal(text_b.token_embedding.weight[:n], ema_text_a.token_embedding.weight)
     assert torch.equal(text_b.layers[0].qkv.weight, ema_text_a.layers[0].qkv.weight)
+
+
+def test_a_large_transformer_is_written_in_shards_that_load_back(tmp_path, monkeypatch):
+    from minirestore import loading
+    from minirestore.backbone import load_backbone
+
+    monkeypatch.setattr(loading, "SHARD_BYTES", 200_000)  # a 64-wide model is ~0.5 MB: three shards
+    _, _, ema, _, _ = pretrain.train(_args(tmp_path / "a", "--steps", "1", "--width", "64"))
+    w = tmp_path / "a" / "w"
+    shards = sorted(w.glob("flux-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (w / "flux.safetensors").exists()
+    assert all(f.stat().st_size < 200_000 + 20_000 for f in shards)  # tensor bytes + the header
+    index = json.loads((w / "flux.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ema.state_dict()) and set(index["weight_map"].values()) == {f.name for f in shards}
+    loaded = hub.load_flux(w / "flux.safetensors.index.json", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(_flux_out(loaded), _flux_out(ema.eval()))
+    assert load_backbone(w).model.config.hidden_size == 64  # a backbone folder, as sample.py loads it
+    flux_b, *_ = pretrain.train(_args(tmp_path / "b", "--steps", "0", "--width", "64", "--init", str(w)))  # --init too
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), flux_b.state_dict().values()))
+    monkeypatch.setattr(loading, "SHARD_BYTES", 10**9)  # written again under a large limit: one file, no stale shards
+    pretrain.write_backbone(w, ema, pretrain.TinyTextEncoder(pretrain.TextConfig()), {})
+    assert sorted(f.name for f in w.glob("flux*")) == ["flux.safetensors"]
+    (w / "flux.safetensors").unlink()  # an index whose shards are gone: one line naming them
+    (w / "flux.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=f"names shards that are not there: {shards[0].name}"):
+        load_backbone(w)
+
+
+def test_a_time_budget_becomes_a_number_of_steps_stored_with_the_weights(tmp_path):
+    args = _args(tmp_path, "--steps", "100000", "--time-budget", "3", "--warmup", "6", "--precision", "bf16")
+    _, _, ema, _, step = pretrain.train(args)
+    assert 6 < step < 100000 and args.steps == step  # resolved at the end of the warm-up, then run to the end
+    meta = json.loads(hub.Checkpoint([tmp_path / "w" / "flux.safetensors"]).metadata["pretrain"])
+    assert meta["steps"] == step and meta["precision"] == "bf16" and "time_budget" not in meta
+    assert all(torch.isfinite(p).all() for p in ema.parameters())  # bf16 autocast trains fp32 weights
+    with pytest.raises(UserError, match="--time-budget needs"):
+        _args(tmp_path, "--time-budget", "3", "--warmup", "2")
