@@ -32,3 +32,25 @@ def test_gpu_script_dry_run(tmp_path):
     method = (out / "method.md").read_text()
     assert "model tiny " in method and "model tiny-wan" in method and "5 frames" in method
     assert "configs compiled: 0 spill, 0 over shared memory" in (out / "log.txt").read_text()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_pretrain_script_dry_run(tmp_path, fake_photos):
+    """benchmarks/gpu_pretrain.sh --dry-run: packs the photo cache, unpacks it as the GPU machine would, pre-trains
+    a small model for a few seconds under bf16 autocast and a time budget, evaluates it and the shipped one."""
+    from minirestore.backbone import load_backbone
+    from minirestore.photos import read_list
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=os.environ.get("PYTHON", "python"), PACK=str(tmp_path / "no-pack"))
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_pretrain.sh"), "--dry-run"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    log = (out / "log.txt").read_text()
+    assert r.returncode == 0, log[-4000:] + r.stderr[-2000:]
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= 8 and all(f.stat().st_size < 16 * 2**20 for f in files), files  # what a device run returns
+    assert {"log.txt", "eval.json", "samples.png"} <= {f.name for f in out.iterdir()}
+    assert "--time-budget 4 s:" in log and "shipped weights/tiny" in log and "new (width 32)" in log
+    assert load_backbone(out / "tiny").model.config.hidden_size == 32
+    packed = sum(r.split != "test" for r in read_list())  # train and val travel; test photographs never do
+    assert f"{packed} photographs unpacked" in log
