@@ -7,7 +7,7 @@
 
 The degraded image is encoded to Y, noised to level T0, X = (1 - T0) Y + T0 eps, and walked back
 to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampler, 20 steps by
-default; on the tiny default the mean of 4 samples of 5 steps, the same cost). A prompt trained over a T0 range (train.py --t0 0.05:0.8) picks T0 per input (--t0 auto, its
+default; on the tiny default the mean of 20 one-step samples, the same cost). A prompt trained over a T0 range (train.py --t0 0.05:0.8) picks T0 per input (--t0 auto, its
 default): the degradation's strength is estimated from the input and mapped through the prompt's measured
 curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
 step. Outputs keep the input's size and mode (data.py's table: CMYK stays CMYK, a palette becomes RGB)

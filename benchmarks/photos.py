@@ -85,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="128,256", help="crop sides in pixels")
     p.add_argument("--images", default="50,20", help="test crops per size (one number, or one per size)")
     p.add_argument("--val-images", type=int, default=20, help="val-photo crops (64 px) that tune the classical filters")
-    p.add_argument("--prompt", action="append", default=[], metavar="NAME=FILE", help="another prompt to evaluate")
+    p.add_argument("--prompt", action="append", default=[], metavar="NAME=FILE[@SxK]",
+                   help="another prompt to evaluate; @SxK samples it with S steps x K samples instead of --steps/--samples")
     p.add_argument("--dncnn-seconds", type=float, default=0,
                    help="train and score a DnCNN for this many seconds per degradation (0: not run); cached in --out")
     p.add_argument("--steps", type=int, help="sampler steps of every learned row (default: sample.py's)")
@@ -110,14 +111,29 @@ def parse_args(argv=None):
     args.prompt = [tuple(s.split("=", 1)) for s in args.prompt]
     if any(len(x) != 2 for x in args.prompt):
         raise UserError("--prompt takes NAME=FILE, e.g. noise-t0.2=runs/noise-t0.2.safetensors")
+    args.prompt = [(name, *prompt_sampler(spec)) for name, spec in args.prompt]
     return args
 
 
+def prompt_sampler(spec):
+    """FILE or FILE@SxK -> (FILE, (S, K) or None): a --prompt row's own sampler (S steps, mean of K samples)."""
+    path, _, sampler = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if not sampler:
+        return path, None
+    try:
+        steps, samples = (int(v) for v in sampler.split("x"))
+    except ValueError:
+        raise UserError(f"--prompt ...@{sampler}: the sampler is STEPSxSAMPLES, e.g. @5x4") from None
+    if min(steps, samples) < 1:
+        raise UserError(f"--prompt ...@{sampler}: steps and samples must be at least 1")
+    return path, (steps, samples)
+
+
 def load_prompts(args, backbone):
-    """--prompt NAME=FILE entries -> (name, path, PromptBank); each is scored on its file's degradation."""
-    banks = [(name, path, load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks))
-             for name, path in args.prompt]
-    for name, path, bank in banks:
+    """--prompt entries -> (name, path, PromptBank, sampler); each is scored on its file's degradation."""
+    banks = [(name, path, load_prompt(path, backbone=backbone.name, D=backbone.D, n_blocks=backbone.n_blocks), sampler)
+             for name, path, sampler in args.prompt]
+    for name, path, bank, _ in banks:
         if bank.meta.get("degradation") not in args.degradations:
             raise UserError(f"--prompt {name}={path}: trained for {bank.meta.get('degradation')!r}, which is not "
                             f"in --degradations {','.join(args.degradations)}")
@@ -194,13 +210,16 @@ def evaluate(args, backbone, degradation, level, size, n, val_photos, test_photo
     methods.append((f"shipped prompt ({bridge.kind}, {T0})", restored,
                     f"what sample.py runs: mean of {K} samples of {S} steps"))
     learned = [] if T0s is not None else [(bridge.kind, bridge.T0, len(methods) - 1)]  # fixed-T0 prompts
-    for name, path, bank in args.prompt:
+    for name, path, bank, sampler in args.prompt:
         if bank.meta.get("degradation") != degradation:
             continue  # a prompt is scored on the degradation it was trained for
-        b = prompt_bridge(bank)
-        methods.append((f"{name} ({b.kind}, T0 {b.T0:g})", restore_set(backbone, bank, b, degraded, S, samples=K),
-                        str(path)))
-        learned.append((b.kind, b.T0, len(methods) - 1))
+        b, (s, k) = prompt_bridge(bank), sampler or (S, K)
+        own = [auto_T0(bank.meta, x)[0] for x in degraded] if "T0_curve" in bank.meta else None  # as sample.py
+        when = f"T0 {b.T0:g}" if own is None else f"auto T0 {np.mean(own):.2f}"
+        methods.append((f"{name} ({b.kind}, {when}" + (f", {k} x {s} steps)" if sampler else ")"),
+                        restore_set(backbone, bank, b, degraded, s, T0s=own, samples=k), str(path)))
+        if own is None:
+            learned.append((b.kind, b.T0, len(methods) - 1))
     ref = psnr(restored, clean)
     rows, scores = [], [psnr(x, clean) for _, x, _ in methods]
     for (method, x, note), p in zip(methods, scores):

@@ -56,10 +56,10 @@ def test_samples_average_restorations_from_successive_noises(backbone_dir):
 
 def test_sampler_defaults():
     from minirestore.restore import sampler_defaults
-    assert sampler_defaults("tiny") == (5, 4)  # the tiny default's measured budget split
+    assert sampler_defaults("tiny") == (1, 20)  # the tiny default's measured budget split
     assert sampler_defaults("flux-dev") == (20, 1)  # the released sampler
     assert sampler_defaults("tiny", ypt=True) == (20, 1)
-    assert sampler_defaults("tiny", steps=7) == (7, 4) and sampler_defaults("flux-dev", samples=2) == (20, 2)
+    assert sampler_defaults("tiny", steps=7) == (7, 20) and sampler_defaults("flux-dev", samples=2) == (20, 2)
 
 
 @pytest.mark.parametrize("flag", ["--samples", "--steps"])

@@ -109,7 +109,9 @@ def test_shipped_noise_prompt_restores(tiny, test_photos):
 def test_shipped_noise_prompt_adapts_its_T0(tiny, test_photos):
     """One shipped noise prompt (trained over T0 0.05:0.95) for light and heavy noise: --t0 auto picks a small T0
     for light noise and a large one for heavy noise, and at light noise auto is far ahead of the prompt's own
-    default T0 (measured on these 8 crops, 2026-12-02, 10 steps: sigma 0.03 auto vs default T0)."""
+    default T0 (measured on these 8 crops with sample.py's 20 one-step samples, 2026-12-03: sigma 0.03 auto,
+    T0 0.11 to 0.18, 35.81 dB; the default T0 0.42, 30.24 dB; sigma 0.2 auto: T0 0.48 to 0.54)."""
+    from minirestore.restore import sampler_defaults
     from minirestore.strength import auto_T0
 
     bank = shipped_prompt("noise")
@@ -122,12 +124,14 @@ def test_shipped_noise_prompt_adapts_its_T0(tiny, test_photos):
         if sigma == 0.03:
             Y = tiny.encode(noisy)
             out = []
+            steps, samples = sampler_defaults("tiny")
             for T0 in (float(np.mean(T0s)), float(bank.meta["T0"])):
-                x0 = Bridge("ebr", T0).sample(lambda x, tau: tiny.velocity(x, tau, bank), Y, 10,
-                                              generator=torch.Generator().manual_seed(0))
+                g = torch.Generator().manual_seed(0)
+                x0 = sum(Bridge("ebr", T0).sample(lambda x, tau: tiny.velocity(x, tau, bank), Y, steps, generator=g)
+                         for _ in range(samples)) / samples
                 out.append(psnr(tiny.decode(x0).cpu(), clean).mean().item())
-            assert out[0] > out[1] + 2.0, out
-    assert max(chosen[0.03]) < 0.3 < 0.6 < min(chosen[0.2])
+            assert out[0] > out[1] + 3.0, out
+    assert max(chosen[0.03]) < 0.25 < 0.45 < min(chosen[0.2])
 
 
 def test_main_job_shortened(real_photos, tmp_path):
