@@ -32,8 +32,8 @@ from minirestore.backbone import add_memory_flags, is_wan, load_backbone
 from minirestore.data import (ANIMATED_FORMATS, IMAGE_EXTS, frame_count, image_format, list_images, load_frames,
                               load_image, save_frames, save_image)
 from minirestore.distributed import barrier, close, init
-from minirestore.restore import (TINY_TILE, at_input, blend_weight, bridge_for, curve_sampler_note,  # noqa: F401
-                                 default_prompt, load_prompts, restore, sampler_defaults, tile_starts)  # (benchmarks and tests import restore's names from here)
+from minirestore.restore import (TINY_TILE, at_input, blend_weight, bridge_for, default_prompt, load_prompts,  # noqa: F401
+                                 restore, sampler_defaults, tile_starts)  # (benchmarks and tests import restore's names from here)
 from minirestore.long_video import restore_stream
 from minirestore.video import VIDEO_SUFFIXES, FrameWriter, iter_frames, probe, read_video, write_video
 
@@ -194,9 +194,6 @@ def main(argv=None):
     prompts = load_prompts(backbone, prompt_files)
     t0 = 0.4 if ypt and args.t0 is None else args.t0  # the release samples every prompt from T0 0.4
     bridge, auto = bridge_for(prompts, t0, prompt_files[0])
-    note = curve_sampler_note(prompts[0].meta, steps, samples, prompt_files[0]) if auto else None
-    if note and world.main:
-        print(note)
 
     from tqdm.auto import tqdm
 

@@ -123,19 +123,6 @@ def bridge_for(prompts, t0=None, source=""):
     return bridge, auto
 
 
-def curve_sampler_note(meta, steps, samples, source=""):
-    """A line to print when a prompt's T0 curve was measured with another sampler than this run's, else None.
-    A curve records its sampler (steps, samples); one that does not was measured with train.py's 1 x 20."""
-    import json
-
-    measured = json.loads(meta["T0_curve"]).get("sampler", {"steps": 20, "samples": 1})
-    if (measured["steps"], measured["samples"]) == (steps, samples):
-        return None
-    return (f"--t0 auto: the T0 curve of {source} was measured with {measured['samples']} x {measured['steps']} steps, "
-            f"this run samples {samples} x {steps}; `python train.py --recalibrate FILE --sample-steps {steps} "
-            f"--samples {samples} --out NEW` measures one for it")
-
-
 def at_input(bridge, auto, meta, x):
     """(bridge, note) for one input: adaptive T0 from its estimated strength through the prompt's curve."""
     if not auto:

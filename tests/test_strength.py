@@ -167,12 +167,3 @@ def test_calibration_averages_successive_start_noises(monkeypatch):
                        [{"clean": c} for c in smooth_images(1, 16)], "noise",
                        argparse.Namespace(seed=0, sample_steps=1, samples=3), lambda *a: None)
     assert torch.equal(seen["mean"], seen["by_hand"])
-
-
-def test_sample_py_says_when_a_curve_was_measured_with_another_sampler():
-    from minirestore.restore import curve_sampler_note
-
-    meta = {"T0_curve": json.dumps({"sampler": {"steps": 5, "samples": 4}})}
-    assert curve_sampler_note(meta, 5, 4) is None
-    assert "measured with 4 x 5 steps, this run samples 1 x 20" in curve_sampler_note(meta, 20, 1, "p")
-    assert "measured with 1 x 20 steps" in curve_sampler_note({"T0_curve": "{}"}, 5, 4)  # unrecorded: train.py's 1 x 20
