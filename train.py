@@ -202,7 +202,7 @@ def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
     show = lambda level, scores: say(f"calibrating T0 {level or 'val images'}: " + "  ".join(  # noqa: E731
         f"{T0:.2f}:{p:.2f}" for T0, p in zip(grid, scores)))
     paired = None if degradation else torch.stack([val_set[i]["degraded"] for i in range(len(val_set))])
-    say(f"calibrating T0 with sample.py's sampler on {backbone.name}: the mean of {samples} x {steps} steps")
+    say(f"calibrating T0 with sample.py's sampler on {backbone.name}: the mean of {samples} samples of {steps} steps")
     out = calibrate(restore, clean, degradation, grid, steps, samples, seed=args.seed, progress=show, degraded=paired)
     if "T0_curve" in out:
         c = json.loads(out["T0_curve"])
