@@ -10,7 +10,10 @@ Only the prompt P [1, K, D] and the per-block gates alpha train. Each step:
     v = F(x_t, tau(t); P, alpha)                         frozen transformer with the prompt added
     loss = || x_t - tau v - X0 ||^2                      x0-MSE on latents
 --t0 LOW:HIGH trains one prompt over many horizons (T0 ~ U(LOW, HIGH) per sample, bridge.py) and then
-measures on the validation images which T0 each strength wants: the curve sample.py --t0 auto follows.
+measures on the validation images which T0 each strength wants: the curve sample.py --t0 auto follows,
+measured with sample.py's sampler for the backbone (--sample-steps x --samples; 5 x 4 on the tiny default).
+`python train.py --recalibrate FILE` measures that curve again for an existing prompt file (no training):
+the same validation images, the file rewritten atomically with only its curve and default T0 changed.
 Every --val-every steps the held-out images are restored with the bridge sampler and scored
 (PSNR/SSIM); a preview grid (degraded | restored | clean) lands in the run folder with a JSONL log.
 Checkpoints are written atomically; --resume continues bit-for-bit (every step's randomness is
@@ -33,7 +36,8 @@ from minirestore.data import (CleanFolder, CleanPhotos, ClipFolder, PairedFolder
 from minirestore.degrade import parse
 from minirestore.distributed import average_gradients, barrier, close, init, sum_across
 from minirestore.metrics import psnr, ssim
-from minirestore.prompts import save_prompt
+from minirestore.prompts import load_prompt, save_prompt, update_prompt_meta
+from minirestore.restore import sampler_defaults
 from minirestore.strength import calibrate
 
 DEFAULTS = {  # per backbone: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
@@ -75,6 +79,14 @@ def parse_args(argv=None):
     p.add_argument("--val-every", type=int, help="validate and preview every N steps (0: only at the end; default 250)")
     p.add_argument("--val-count", type=int, help="held-out images for validation (default 4, 8 for tiny)")
     p.add_argument("--val-steps", type=int, default=20, help="sampler steps when validating")
+    p.add_argument("--sample-steps", type=int, help="--t0 LOW:HIGH: sampler steps the T0 curve is measured with "
+                   "(default: sample.py's for the backbone, 5 for tiny, 20 otherwise)")
+    p.add_argument("--samples", type=int, help="--t0 LOW:HIGH: restorations averaged per image when measuring the "
+                   "T0 curve (default: sample.py's for the backbone, 4 for tiny, 1 otherwise)")
+    p.add_argument("--recalibrate", metavar="FILE", help="do not train: measure the T0 curve of FILE, a prompt "
+                   "trained over a T0 range, again with the sampler above on the validation images its training "
+                   "used (the file's degradation, resolution and seed; --data, --val-count as when training) and "
+                   "rewrite FILE (or --out) with the new curve and default T0, every other entry unchanged")
     p.add_argument("--grad-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="recompute each block in the backward pass (auto: on for CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,7 +95,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not isinstance(args.t0, tuple) and not 0 < args.t0 <= 1:  # a range is checked by Bridge
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
-    for flag in ("steps", "batch_size", "val_count", "val_steps", "frames"):  # None: the backbone's default
+    for flag in ("steps", "batch_size", "val_count", "val_steps", "frames", "sample_steps", "samples"):  # None: the backbone's default
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     for flag in ("lr", "t_min", "pow", "ddbm_sigma"):
@@ -171,22 +183,27 @@ CALIBRATION_GRID = 11  # T0 values tried across a trained range (linspace(low, h
 @torch.no_grad()
 def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
     """The T0 curve of a prompt trained over bridge.T0_range (strength.py): the validation images degraded
-    at a ladder of strengths (paired data: as they are) and restored from every T0 of a grid, each image
-    from the same start noise. Every process computes the same numbers (no sharding: it is small)."""
+    at a ladder of strengths (paired data: as they are) and restored from every T0 of a grid with sample.py's
+    sampler for this backbone, the mean of `samples` restorations of `steps` steps (restore.py). Restoration k
+    starts from the k-th draw of one generator seeded args.seed + 7, the same start noises for every T0 and
+    rung (with 1 sample: exactly the noise of the 1 x 20 calibration before). Every process computes the same
+    numbers (no sharding: it is small)."""
     clean = torch.stack([val_set[i]["clean"] for i in range(len(val_set))])
-    eps_seed = args.seed + 7
+    steps, samples = sampler_defaults(backbone.name, args.sample_steps, args.samples)
+    velocity = lambda x, tau: backbone.velocity(x, tau, bank)  # noqa: E731
 
-    def restore(degraded, T0):
+    def restore(degraded, T0, steps, samples):  # (1 / K) sum_k decode(sample(x_T0 = (1 - T0) Y + T0 eps_k))
         Y = backbone.encode(degraded)
-        eps = torch.randn(Y.shape, generator=torch.Generator().manual_seed(eps_seed)).to(Y.device)
-        x0 = bridge.at(T0).sample(lambda x, tau: backbone.velocity(x, tau, bank), Y, args.val_steps, eps=eps)
-        return backbone.decode(x0).cpu()
+        g = torch.Generator().manual_seed(args.seed + 7)
+        return sum(backbone.decode(bridge.at(T0).sample(velocity, Y, steps, eps=torch.randn(Y.shape, generator=g)
+                                                        .to(Y.device))).float().cpu() for _ in range(samples)) / samples
 
     grid = torch.linspace(*bridge.T0_range, CALIBRATION_GRID).tolist()
     show = lambda level, scores: say(f"calibrating T0 {level or 'val images'}: " + "  ".join(  # noqa: E731
         f"{T0:.2f}:{p:.2f}" for T0, p in zip(grid, scores)))
     paired = None if degradation else torch.stack([val_set[i]["degraded"] for i in range(len(val_set))])
-    out = calibrate(restore, clean, degradation, grid, seed=args.seed, progress=show, degraded=paired)
+    say(f"calibrating T0 with sample.py's sampler on {backbone.name}: the mean of {samples} samples of {steps} steps")
+    out = calibrate(restore, clean, degradation, grid, steps, samples, seed=args.seed, progress=show, degraded=paired)
     if "T0_curve" in out:
         c = json.loads(out["T0_curve"])
         say("T0 curve: " + ", ".join(f"{s:.3f} -> {T0:.2f}" for s, T0 in zip(c["strength"], c["T0"])))
@@ -194,8 +211,74 @@ def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
     return out
 
 
+def datasets(args, backbone, data, degradation, resolution, T0_range):
+    """(train_set, val_set, degradation, paired): the tiny default's photographs (validated on the val
+    photographs), or --data split into training and --val-count validation items."""
+    paired = data is not None and (data / "clean").is_dir() and (data / "degraded").is_dir()
+    degradation = "+".join(parse(degradation)) if not paired else degradation
+    if data is None:  # the tiny default: its training photographs; validation on other photographs
+        dataset = CleanPhotos("train", PHOTO_ITEMS, degradation, resolution, seed=args.seed)
+    elif is_clip_folder(data):
+        if backbone.kind != "wan":
+            raise UserError(f"{data} holds video clips; {backbone.name} trains on images (use a Wan backbone)")
+        if T0_range:
+            raise UserError("--t0 LOW:HIGH calibrates its T0 curve on images; train a video prompt at one T0")
+        dataset = ClipFolder(data, degradation, resolution, args.frames, seed=args.seed)
+    else:
+        dataset = (PairedFolder(data, resolution, seed=args.seed) if paired
+                   else CleanFolder(data, degradation, resolution, seed=args.seed))
+    if data is None:
+        val_set = CleanPhotos("val", args.val_count, degradation, resolution, train=False, seed=args.seed)
+        return dataset, val_set, degradation, paired
+    train_set, val_set = split(dataset, val_count=min(args.val_count, len(dataset) - 1), seed=args.seed)
+    return train_set, val_set, degradation, paired
+
+
+def recalibrate(args):
+    """--recalibrate FILE: measure the T0 curve of a trained range prompt again (calibrate_T0, the code
+    training runs) on the validation images its training used, and rewrite the file (or --out) atomically
+    with the new T0_curve and default T0; its tensors and every other metadata entry stay as they were."""
+    src = Path(args.recalibrate)
+    if not src.is_file():
+        raise UserError(f"--recalibrate {src}: no such file")
+    meta = load_prompt(src).meta  # a one-line UserError for an unreadable file
+    if "T0_range" not in meta:
+        raise UserError(f"--recalibrate {src}: this prompt was trained at one T0 ({meta.get('T0', '?')}), not over "
+                        "a range (train.py --t0 LOW:HIGH), so it has no T0 curve to measure")
+    try:
+        T0_range = parse_t0(meta["T0_range"])
+        resolution = parse_resolution(meta.get("resolution", "64"))
+        args.seed = int(meta.get("seed", args.seed))  # the validation images and start noises training used
+        bridge = Bridge(meta.get("bridge", "ebr"), float(meta["T0"]), float(meta.get("t_min", 1e-4)),
+                        sigma=float(meta.get("ddbm_sigma", 1.0)), T0_range=T0_range)
+    except (argparse.ArgumentTypeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--recalibrate {src}: unreadable metadata ({e})") from None
+    out = Path(args.out or src)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the prompt file's name ends in .safetensors")
+    writable_folder(out.parent)
+    data = None if args.data is None else Path(args.data)
+    if data is not None and not data.is_dir():
+        raise UserError(f"--data {data}: no such folder")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    backbone = load_backbone(args.model, args.device, dtype, weights=args.weights, offload=args.offload)
+    bank = load_prompt(src, backbone=backbone.name, K=backbone.K, D=backbone.D, n_blocks=backbone.n_blocks)
+    if args.val_count is None:
+        args.val_count = DEFAULTS.get(backbone.name, DEFAULTS[backbone.kind]).get("val_count", 4)
+    _, val_set, degradation, paired = datasets(args, backbone, data, meta.get("degradation", args.degradation),
+                                               resolution, T0_range)
+    new = calibrate_T0(backbone, bank.to(backbone.device), bridge, val_set, None if paired else degradation, args,
+                       print)
+    update_prompt_meta(src, out, **new)
+    print(f"{out}: default T0 {meta['T0']} -> {new['T0']:g}" + ("; new T0 curve" if "T0_curve" in new else ""))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.recalibrate:
+        return recalibrate(args)
     world = init(args.device)
     args.device = world.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
@@ -222,24 +305,7 @@ def main(argv=None):
             setattr(args, flag, defaults.get(flag, fallback))
     if any(side % backbone.multiple for side in ((resolution,) * 2 if isinstance(resolution, int) else resolution)):
         raise UserError(f"--resolution {resolution} must be a multiple of {backbone.multiple} for {backbone.name}")
-    paired = data is not None and (data / "clean").is_dir() and (data / "degraded").is_dir()
-    degradation = "+".join(parse(args.degradation)) if not paired else args.degradation
-    if data is None:  # the tiny default: its training photographs; validation on other photographs
-        dataset = CleanPhotos("train", PHOTO_ITEMS, degradation, resolution, seed=args.seed)
-    elif is_clip_folder(data):
-        if backbone.kind != "wan":
-            raise UserError(f"{data} holds video clips; {backbone.name} trains on images (use a Wan backbone)")
-        if T0_range:
-            raise UserError("--t0 LOW:HIGH calibrates its T0 curve on images; train a video prompt at one T0")
-        dataset = ClipFolder(data, degradation, resolution, args.frames, seed=args.seed)
-    else:
-        dataset = (PairedFolder(data, resolution, seed=args.seed) if paired
-                   else CleanFolder(data, degradation, resolution, seed=args.seed))
-    if data is None:
-        train_set = dataset
-        val_set = CleanPhotos("val", args.val_count, degradation, resolution, train=False, seed=args.seed)
-    else:
-        train_set, val_set = split(dataset, val_count=min(args.val_count, len(dataset) - 1), seed=args.seed)
+    train_set, val_set, degradation, paired = datasets(args, backbone, data, args.degradation, resolution, T0_range)
     if len(val_set) < world.size:
         raise UserError(f"--val-count {len(val_set)} is smaller than the {world.size} processes: each needs one")
     if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and args.device.startswith("cuda")):

@@ -2,16 +2,21 @@
 
     python benchmarks/adaptive.py --fixed t0.2=runs/noise-t0.2.safetensors --fixed t0.4=... --fixed t0.6=... \\
         --adaptive weights/tiny/prompts/noise.safetensors
+    python benchmarks/adaptive.py --split val --adaptive new.safetensors --compare old=old.safetensors
 
 Test images: crops of the test photographs (photos.py), exactly as benchmarks/photos.py draws them (crop i of a
 size from default_rng([31, size, i]), degraded with a generator seeded by (size, i)), at noise sigma 0.02, 0.05,
-0.1, 0.2 and 0.3. Rows per sigma, PSNR and SSIM with 95% intervals (mean +- 1.96 std / sqrt(n)):
+0.1, 0.2 and 0.3 (--split val: crops of the val photographs instead, to compare prompts or curves without
+looking at the test set). Every learned row uses sample.py's sampler for the backbone (the mean of 4 samples
+of 5 steps on the tiny default; --steps, --samples). Rows per sigma, PSNR and SSIM with 95% intervals
+(mean +- 1.96 std / sqrt(n)):
 
   noisy input
   best classical filter    classical.py, kind and strength tuned per sigma on val-photo crops
   --fixed NAME=FILE        prompts trained at one T0, sampled from it (what sample.py does with them)
   adaptive, default T0     the range-trained prompt at its calibrated default T0 (one T0 for every input)
   adaptive, --t0 auto      the same prompt, T0 = curve(sigma_hat) per image, as `python sample.py --t0 auto`
+  --compare NAME=FILE      another range prompt (or the same prompt with another T0 curve), --t0 auto on its curve
 Paired differences: every row minus `auto` (same images, same start noise). The targets table reads the issue's
 targets: auto >= the best fixed T0 at every sigma (within the interval), auto - shipped >= 2 dB at sigma 0.05.
 Outputs in --out: results.md, results.json, adaptive.png (the T0 curve with every image's chosen T0; PSNR
@@ -20,6 +25,7 @@ against sigma for each fixed T0 and for auto).
 import argparse
 import datetime
 import json
+import platform
 import shlex
 import sys
 import time
@@ -40,6 +46,7 @@ from minirestore.cli import Help, run  # noqa: E402
 from minirestore.metrics import psnr, ssim  # noqa: E402
 from minirestore.photos import PhotoCrops  # noqa: E402
 from minirestore.prompts import load_prompt  # noqa: E402
+from minirestore.restore import sampler_defaults  # noqa: E402
 from minirestore.strength import auto_T0  # noqa: E402
 
 SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.3)
@@ -50,38 +57,70 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny", help="tiny or a backbone folder")
     p.add_argument("--adaptive", required=True, help="a noise prompt trained over a T0 range (train.py --t0 LOW:HIGH)")
     p.add_argument("--fixed", action="append", default=[], metavar="NAME=FILE", help="a prompt trained at one T0")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
+                   help="another prompt with a T0 curve, sampled with --t0 auto on its own curve")
     p.add_argument("--shipped", default="t0.4", help="which --fixed NAME the 2 dB target at sigma 0.05 is read against")
     p.add_argument("--sigmas", default=",".join(map(str, SIGMAS)), help="noise levels (std on the [0, 1] scale)")
     p.add_argument("--size", type=int, default=64, help="crop side in pixels")
     p.add_argument("--images", type=int, default=50, help="test crops per sigma")
     p.add_argument("--val-images", type=int, default=20, help="val-photo crops that tune the classical filter")
-    p.add_argument("--sample-steps", type=int, default=20, help="sampler steps (sample.py's default)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which photographs the scored crops "
+                   "come from (val: to choose between prompts or curves without looking at the test set)")
+    p.add_argument("--steps", type=int, help="sampler steps of every learned row (default: sample.py's)")
+    p.add_argument("--samples", type=int, help="restorations averaged per image (default: sample.py's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "photos" / "adaptive"), help="results and plot")
     args = p.parse_args(argv)
     args.sigmas = [float(s) for s in args.sigmas.split(",")]
     args.fixed = [tuple(s.split("=", 1)) for s in args.fixed]
-    if any(len(x) != 2 for x in args.fixed):
-        raise UserError("--fixed takes NAME=FILE, e.g. t0.2=runs/noise-t0.2.safetensors")
+    args.compare = [tuple(s.split("=", 1)) for s in args.compare]
+    if any(len(x) != 2 for x in args.fixed + args.compare):
+        raise UserError("--fixed and --compare take NAME=FILE, e.g. t0.2=runs/noise-t0.2.safetensors")
+    for flag in ("steps", "samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
     if args.images < 2:
         raise UserError("--images must be at least 2 (an interval needs two)")
     return args
 
 
-def plot(path, curve, chosen, rows, sigmas):
-    """Left: the stored T0 curve and the T0 each test image got. Right: PSNR against sigma, fixed vs auto."""
+def cpu_name():
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def spread(T0s):
+    return "T0 {:.3f} +- {:.3f} (mean, std over images)".format(torch.tensor(T0s).mean().item(),
+                                                                 torch.tensor(T0s).std().item())
+
+
+def curve_sampler(curve):
+    """The sampler a curve was measured with, as it records it (curves from before the record: train.py's
+    --val-steps, 1 sample of 20 steps by default)."""
+    if "sampler" not in curve:
+        return "an unrecorded sampler (train.py's --val-steps: 1 sample of 20 steps by default)"
+    return f"{curve['sampler']['samples']} samples of {curve['sampler']['steps']} steps"
+
+
+def plot(path, curve, chosen, rows, sigmas, others=(), split="test"):
+    """Left: the stored T0 curve (and --compare's) and the T0 each scored image got. Right: PSNR against sigma."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.scatter([s for s, _ in chosen], [T0 for _, T0 in chosen], s=8, alpha=0.4, label="test images (--t0 auto)")
+    a.scatter([s for s, _ in chosen], [T0 for _, T0 in chosen], s=8, alpha=0.4, label=f"{split} images (--t0 auto)")
     a.plot(curve["strength"], curve["T0"], "o-", color="k", label="curve measured on val photos")
+    for name, c in others:
+        a.plot(c["strength"], c["T0"], "s--", label=f"{name}'s curve")
     a.set(xlabel="estimated noise sigma (median |HH| / 0.6745)", ylabel="T0", title="T0 chosen per image")
     a.legend()
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] not in ("noisy input",)):
         ys = [next(r["psnr"][0] for r in rows if r["method"] == method and r["sigma"] == s) for s in sigmas]
         b.plot(sigmas, ys, "o-" if "auto" in method else ".--", label=method, lw=2.5 if "auto" in method else 1)
-    b.set(xlabel="noise sigma", ylabel="PSNR (dB)", title="restored PSNR on test photos", xscale="log")
+    b.set(xlabel="noise sigma", ylabel="PSNR (dB)", title=f"restored PSNR on {split} photos", xscale="log")
     b.minorticks_off()
     b.set_xticks(sigmas, [f"{s:g}" for s in sigmas])
     b.legend(fontsize=7)
@@ -101,11 +140,16 @@ def main(argv=None):
         raise UserError(f"{args.adaptive} has no T0 curve: train it with train.py --t0 LOW:HIGH")
     curve = json.loads(adaptive.meta["T0_curve"])
     fixed = [(name, load(f)) for name, f in args.fixed]
-    val_photos, test_photos = PhotoCrops("val"), PhotoCrops("test")
+    compare = [(name, load(f)) for name, f in args.compare]
+    for (name, bank), (_, f) in zip(compare, args.compare):
+        if "T0_curve" not in bank.meta:
+            raise UserError(f"--compare {name}={f} has no T0 curve: compare prompts trained over a T0 range")
+    S, K = sampler_defaults(backbone.name, args.steps, args.samples)
+    val_photos, test_photos = PhotoCrops("val"), PhotoCrops(args.split)
     rows, chosen = [], []
     for sigma in args.sigmas:
         level = dict(sigma=sigma)
-        print(f"== noise sigma {sigma:g}, {args.images} crops of {args.size} px", flush=True)
+        print(f"== noise sigma {sigma:g}, {args.images} crops of {args.size} px ({args.split} photographs)", flush=True)
         clean, noisy = held_out(test_photos, TEST_BASE, args.images, args.size, "noise", level)
         val_clean, val_noisy = held_out(val_photos, VAL_BASE, args.val_images, 64, "noise", level)
         name, fn, params, _ = classical.tune("noise", val_noisy, val_clean)
@@ -116,25 +160,30 @@ def main(argv=None):
                                                  classical.describe(name, params))]
         for fname, bank in fixed:
             fb = prompt_bridge(bank)
-            methods.append((f"{fname} (fixed T0 {fb.T0:g})", restore_set(backbone, bank, fb, noisy, args.sample_steps), ""))
-        methods.append((f"adaptive, default T0 {b.T0:.3g}", restore_set(backbone, adaptive, b, noisy, args.sample_steps),
+            methods.append((f"{fname} (fixed T0 {fb.T0:g})", restore_set(backbone, bank, fb, noisy, S, samples=K), ""))
+        methods.append((f"adaptive, default T0 {b.T0:.3g}", restore_set(backbone, adaptive, b, noisy, S, samples=K),
                         "one T0 for all"))
-        auto = restore_set(backbone, adaptive, b, noisy, args.sample_steps, T0s=T0s)
-        methods.append(("adaptive, --t0 auto", auto, "T0 {:.3f} +- {:.3f} (mean, std over images)".format(
-            torch.tensor(T0s).mean().item(), torch.tensor(T0s).std().item())))
+        for cname, bank in compare:  # its own curve: T0 per image, the same crops, noise and sampler
+            cT0s = [auto_T0(bank.meta, x)[0] for x in noisy]
+            methods.append((f"{cname}, --t0 auto", restore_set(backbone, bank, prompt_bridge(bank), noisy, S, T0s=cT0s,
+                                                              samples=K), spread(cT0s)))
+        auto = restore_set(backbone, adaptive, b, noisy, S, T0s=T0s, samples=K)
+        methods.append(("adaptive, --t0 auto", auto, spread(T0s)))
         ref = psnr(auto, clean)
         for method, x, note in methods:
             p = psnr(x, clean)
             rows.append(dict(sigma=sigma, n=args.images, method=method, psnr=interval(p), ssim=interval(ssim(x, clean)),
                              dpsnr=interval(p - ref), note=note))
-            print(f"  {method:32s} {rows[-1]['psnr'][0]:6.2f} dB", flush=True)
+            print(f"  {method:32s} {rows[-1]['psnr'][0]:6.2f} dB  {rows[-1]['dpsnr'][0]:+.2f} +- {rows[-1]['dpsnr'][1]:.2f} vs auto",
+                  flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(out / "adaptive.png", curve, chosen, rows, args.sigmas)
+    plot(out / "adaptive.png", curve, chosen, rows, args.sigmas,
+         [(name, json.loads(bank.meta["T0_curve"])) for name, bank in compare], args.split)
     lines = ["| sigma | method | PSNR (dB) | SSIM | PSNR - auto (dB) | notes |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['sigma']:g} | {r['method']} | " + "{:.2f} ± {:.2f} | {:.3f} ± {:.3f} | ".format(
-            *r["psnr"], *r["ssim"]) + ("" if "auto" in r["method"] else "{:+.2f} ± {:.2f}".format(*r["dpsnr"]))
+            *r["psnr"], *r["ssim"]) + ("" if r["method"] == "adaptive, --t0 auto" else "{:+.2f} ± {:.2f}".format(*r["dpsnr"]))
             + f" | {r['note']} |")
     targets = ["| sigma | auto - best fixed T0 (target: >= 0 within the interval) | auto - shipped (target >= +2 dB at "
                "0.05) |", "|---|---|---|"]
@@ -150,10 +199,14 @@ def main(argv=None):
             f" ({'met' if -ship['dpsnr'][0] - ship['dpsnr'][1] >= 2 else 'missed'})" if sigma == 0.05 else "")
         targets.append(f"| {sigma:g} | {cell} | {ship_cell} |")
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    md = "\n".join(["# Adaptive T0 on held-out photographs", "", f"Command: `{command}`", "",
-                    f"Date: {when}; cpu, {torch.get_num_threads()} threads; total {time.time() - start:.0f} s. "
-                    f"Test photographs: {', '.join(test_photos.names)}. Curve of {args.adaptive}: " + ", ".join(
-                        f"{s:.3f} -> {T0:.2f}" for s, T0 in zip(curve["strength"], curve["T0"])) + ".", "",
+    md = "\n".join([f"# Adaptive T0 on held-out {args.split} photographs", "", f"Command: `{command}`", "",
+                    f"Date: {when}; {cpu_name()}, {torch.get_num_threads()} threads; total {time.time() - start:.0f} s. "
+                    f"Scored on crops of the {args.split} photographs: {', '.join(test_photos.names)}. Every learned "
+                    f"row: the mean of {K} samples of {S} steps. " + " ".join(
+                        f"Curve of {f}: " + ", ".join(f"{s:.3f} -> {T0:.2f}" for s, T0 in zip(c["strength"], c["T0"]))
+                        + f" (measured with {curve_sampler(c)})." for f, c in
+                        [(args.adaptive, curve)] + [(f, json.loads(bank.meta["T0_curve"])) for (_, f), (_, bank)
+                                                    in zip(args.compare, compare)]), "",
                     "\n".join(lines), "", "\n".join(targets), ""])
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps(dict(command=command, curve=curve, rows=rows, chosen=chosen), indent=1))

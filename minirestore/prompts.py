@@ -63,6 +63,27 @@ def save_prompt(bank, path, **meta):
     return path
 
 
+def update_prompt_meta(src, dst, **changes):
+    """Write prompt file src to dst (src itself allowed) atomically with the metadata entries `changes` set:
+    its tensors (bytes, dtypes) and every other entry exactly as stored (train.py --recalibrate)."""
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{src} is not a readable prompt file ({e})") from None
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={**meta, **{k: str(v) for k, v in changes.items()}})
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dst
+
+
 def load_prompt(path, backbone=None, K=None, D=None, n_blocks=None):
     """Read a prompt file; check it fits the backbone (name, length K, width D, number of blocks) when given."""
     path = Path(path)

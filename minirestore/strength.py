@@ -13,7 +13,10 @@ sampler at any T0 in that range; which one is best depends on the input. Two pie
      every T0 of a grid, keeps the best T0 of each rung (refined by a parabola through the best grid
      point and its neighbours), and stores the points (mean s of the rung, best T0) in the prompt file.
      Between points it is linear, beyond them flat. Because the curve is measured against the estimate,
-     the estimate's bias on photographs is absorbed into it.
+     the estimate's bias on photographs is absorbed into it. It is measured with the sampler sample.py
+     uses on that backbone (steps x samples, restore.sampler_defaults; recorded in the curve): the mean of
+     several samples is smoother than one, so it can want another T0. `train.py --recalibrate FILE`
+     measures it again for an existing prompt file.
 Degradations with no estimator here (blur, jpeg, haze, ...) get one calibrated T0: the best on average over
 validation images degraded at their training strengths.
 """
@@ -73,14 +76,15 @@ def best_T0(grid, scores):
 
 
 @torch.no_grad()
-def calibrate(restore, clean, degradation, grid, seed=0, progress=None, degraded=None):
+def calibrate(restore, clean, degradation, grid, steps, samples, seed=0, progress=None, degraded=None):
     """Measure the T0 curve of a prompt on validation images.
 
-    restore(degraded [N, 3, H, W], T0) -> restored [N, 3, H, W] (the prompt's sampler, fixed start noise);
-    clean: [N, 3, H, W] validation images; grid: the T0 values tried; degraded: given for paired data (one
-    rung, the pairs as they are; degradation is then ignored). Returns a dict for the prompt file: T0 (the
-    calibrated default, best mean PSNR over all rungs) and, where the degradation has an estimator,
-    T0_curve (JSON: degradation, strength, T0, and the PSNR table it was read from)."""
+    restore(degraded [N, 3, H, W], T0, steps, samples) -> restored [N, 3, H, W]: the prompt's sampler (the mean
+    of `samples` restorations of `steps` steps, fixed start noises); clean: [N, 3, H, W] validation images;
+    grid: the T0 values tried; degraded: given for paired data (one rung, the pairs as they are; degradation
+    is then ignored). Returns a dict for the prompt file: T0 (the calibrated default, best mean PSNR over all
+    rungs) and, where the degradation has an estimator, T0_curve (JSON: degradation, strength, T0, the
+    sampler it was measured with, and the PSNR table it was read from)."""
     estimate = ESTIMATORS.get(degradation) if degraded is None else None
     ladder = LADDERS.get(degradation, [{}]) if estimate else [{}]  # {}: the degradation's training strengths
     strengths, best, table = [], [], []
@@ -88,7 +92,7 @@ def calibrate(restore, clean, degradation, grid, seed=0, progress=None, degraded
         g = torch.Generator().manual_seed(seed * 1_000 + r)
         images = degraded if degraded is not None else (
             DEGRADATIONS[degradation](clean, generator=g, **level) if level else degrade(clean, degradation, g))
-        scores = [psnr(restore(images, T0), clean).mean().item() for T0 in grid]
+        scores = [psnr(restore(images, T0, steps, samples), clean).mean().item() for T0 in grid]
         if progress:
             progress(level, scores)
         if estimate:
@@ -101,5 +105,6 @@ def calibrate(restore, clean, degradation, grid, seed=0, progress=None, degraded
         order = np.argsort(strengths)
         out["T0_curve"] = json.dumps({"degradation": degradation, "strength": [round(strengths[i], 5) for i in order],
                                       "T0": [round(best[i], 4) for i in order], "grid": [round(g, 4) for g in grid],
+                                      "sampler": {"steps": steps, "samples": samples},
                                       "levels": [ladder[i] for i in order], "psnr": [table[i] for i in order]})
     return out

@@ -5,6 +5,7 @@ calibration finds the right T0 on a toy sampler): these check the plumbing and i
 """
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from minirestore.data import load_image
 from minirestore.photos import PhotoCrops
@@ -33,7 +35,8 @@ def python(script, *args, cwd):
 def range_prompt(real_photos, tmp_path_factory):
     d = tmp_path_factory.mktemp("adaptive")
     python("train.py", "--degradation", "noise", "--t0", "0.05:0.8", "--steps", "6", "--val-every", "0",
-           "--val-count", "2", "--val-steps", "2", "--out", d / "range.safetensors", cwd=d)
+           "--val-count", "2", "--val-steps", "2", "--sample-steps", "1", "--samples", "2",
+           "--out", d / "range.safetensors", cwd=d)
     return d / "range.safetensors"
 
 
@@ -45,6 +48,7 @@ def test_range_training_writes_a_T0_curve(range_prompt):
     assert curve["strength"] == sorted(curve["strength"]) and curve["strength"][0] < 0.04 < 0.15 < curve["strength"][-1]
     assert all(0.05 <= T0 <= 0.8 for T0 in curve["T0"])
     assert len(curve["grid"]) == 11 and np.array(curve["psnr"]).shape == (6, 11)
+    assert curve["sampler"] == {"steps": 1, "samples": 2}  # the sampler it was measured with
 
 
 def noisy_photo(path, sigma, seed):
@@ -85,3 +89,62 @@ def test_prompt_without_a_curve_keeps_its_T0(real_photos, tmp_path):
     T0 = float(load_prompt(shipped).meta["T0"])
     out = python("sample.py", tmp_path / "p.png", "--prompt", shipped, "--steps", "2", "--t0", "auto", cwd=tmp_path)
     assert "has no T0 curve" in out and f"(T0 {T0:g})" in out
+
+
+def raw(path):
+    """A prompt file's metadata and its tensors' bytes, as stored."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: (f.get_tensor(k).dtype, f.get_tensor(k).numpy().tobytes()) for k in f.keys()}
+
+
+def test_recalibrate_changes_only_the_curve_and_default_T0(range_prompt, tmp_path):
+    """train.py --recalibrate: the same validation images and code as training's calibration, so with the same
+    sampler the same curve; with another sampler a new curve (recorded) and default T0, every other entry and
+    tensor bit-identical; the file rewritten in place, or --out written and the source untouched."""
+    before = range_prompt.read_bytes()
+    same = tmp_path / "same.safetensors"
+    python("train.py", "--recalibrate", range_prompt, "--val-count", "2", "--sample-steps", "1", "--samples", "2",
+           "--out", same, cwd=tmp_path)
+    assert range_prompt.read_bytes() == before
+    assert raw(same) == raw(range_prompt)  # same sampler, same val images: the curve training measured
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(range_prompt, copy)
+    out = python("train.py", "--recalibrate", copy, "--val-count", "2", "--sample-steps", "2", "--samples", "1",
+                 cwd=tmp_path)
+    assert "default T0" in out
+    (meta0, tensors0), (meta1, tensors1) = raw(range_prompt), raw(copy)
+    assert tensors1 == tensors0
+    assert {k: v for k, v in meta1.items() if k not in ("T0", "T0_curve")} == \
+        {k: v for k, v in meta0.items() if k not in ("T0", "T0_curve")}
+    curve = json.loads(meta1["T0_curve"])
+    assert curve["sampler"] == {"steps": 2, "samples": 1} and meta1["T0_curve"] != meta0["T0_curve"]
+    assert 0.05 <= float(meta1["T0"]) <= 0.8 and len(curve["strength"]) == 6
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("which,message", [("missing", "no such file"), ("fixed", "trained at one T0"),
+                                           ("garbage", "not a readable prompt file")])
+def test_recalibrate_errors_are_one_line(which, message, tmp_path):
+    path = {"missing": tmp_path / "nope.safetensors", "fixed": ROOT / "weights" / "tiny" / "prompts" / "blur.safetensors",
+            "garbage": tmp_path / "garbage.safetensors"}[which]
+    if which == "garbage":
+        path.write_text("not a prompt")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--recalibrate", str(path), "--out",
+                        str(tmp_path / "o.safetensors")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_adaptive_benchmark_compares_curves_with_sample_pys_sampler(range_prompt, tmp_path):
+    """benchmarks/adaptive.py --split val --compare: the other curve's row is paired against auto, and the
+    sampler of every learned row is the one given (by default sample.py's)."""
+    shipped = ROOT / "weights" / "tiny" / "prompts" / "noise.safetensors"
+    python("benchmarks/adaptive.py", "--split", "val", "--adaptive", range_prompt, "--compare", f"other={shipped}",
+           "--sigmas", "0.1", "--images", "2", "--val-images", "2", "--steps", "1", "--samples", "2",
+           "--out", tmp_path, cwd=tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "val photographs" in md and "the mean of 2 samples of 1 steps" in md
+    assert "(measured with 2 samples of 1 steps)" in md and "(measured with an unrecorded sampler" in md
+    row = next(line for line in md.splitlines() if "| other, --t0 auto |" in line)
+    assert re.search(r"\| [+-]\d+\.\d\d ± \d+\.\d\d \|", row), row  # its paired difference is shown

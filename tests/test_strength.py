@@ -54,11 +54,11 @@ def test_calibration_finds_a_T0_that_grows_with_the_noise():
     and a stronger estimate must map to a larger T0 through it."""
     clean = smooth_images(4, 48)
 
-    def restore(degraded, T0):
+    def restore(degraded, T0, steps, samples):
         k = gaussian_kernels(torch.full((len(degraded),), 0.2 + 6 * T0), 25)
         return filter2d(degraded, k).clamp(0, 1)
 
-    out = calibrate(restore, clean, "noise", np.linspace(0.05, 0.8, 8).tolist(), seed=0)
+    out = calibrate(restore, clean, "noise", np.linspace(0.05, 0.8, 8).tolist(), 20, 1, seed=0)
     curve = json.loads(out["T0_curve"])
     assert curve["degradation"] == "noise" and len(curve["strength"]) == len(curve["T0"]) == 6
     assert curve["strength"] == sorted(curve["strength"])
@@ -73,8 +73,8 @@ def test_calibration_finds_a_T0_that_grows_with_the_noise():
 
 def test_calibration_without_an_estimator_gives_one_T0():
     clean = smooth_images(2, 32)
-    restore = lambda d, T0: clean * (1 - abs(T0 - 0.3)) + d * abs(T0 - 0.3)  # noqa: E731  best at T0 0.3
-    out = calibrate(restore, clean, "blur", [0.1, 0.2, 0.3, 0.4, 0.5])
+    restore = lambda d, T0, steps, samples: clean * (1 - abs(T0 - 0.3)) + d * abs(T0 - 0.3)  # noqa: E731  best at T0 0.3
+    out = calibrate(restore, clean, "blur", [0.1, 0.2, 0.3, 0.4, 0.5], 20, 1)
     assert set(out) == {"T0"} and out["T0"] == pytest.approx(0.3)
 
 
@@ -82,6 +82,88 @@ def test_calibration_on_given_pairs_gives_one_T0():
     """Paired data: the pairs as they are (no ladder, no curve, even for noise)."""
     clean = smooth_images(2, 32)
     degraded = (clean + 0.1).clamp(0, 1)
-    restore = lambda d, T0: clean * (1 - abs(T0 - 0.3)) + d * abs(T0 - 0.3)  # noqa: E731  best at T0 0.3
-    out = calibrate(restore, clean, "noise", [0.1, 0.2, 0.3, 0.4, 0.5], degraded=degraded)
+    restore = lambda d, T0, steps, samples: clean * (1 - abs(T0 - 0.3)) + d * abs(T0 - 0.3)  # noqa: E731  best at T0 0.3
+    out = calibrate(restore, clean, "noise", [0.1, 0.2, 0.3, 0.4, 0.5], 20, 1, degraded=degraded)
     assert set(out) == {"T0"} and out["T0"] == pytest.approx(0.3)
+
+
+def test_calibration_uses_the_given_sampler_and_records_it():
+    clean = smooth_images(2, 32)
+    calls = []
+
+    def restore(degraded, T0, steps, samples):
+        calls.append((steps, samples))
+        return degraded
+
+    out = calibrate(restore, clean, "noise", [0.1, 0.5, 0.9], 5, 4)
+    assert set(calls) == {(5, 4)} and len(calls) == 6 * 3  # every rung, every T0 of the grid
+    assert json.loads(out["T0_curve"])["sampler"] == {"steps": 5, "samples": 4}
+
+
+class FakeBackbone:
+    """encode/decode the identity and a velocity that counts its calls: calibrate_T0 without a network."""
+    name, kind, device = "tiny", "flux", "cpu"
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, x):
+        return x
+
+    def decode(self, x):
+        return x
+
+    def velocity(self, x, tau, bank):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("flags,sampler", [((None, None), (5, 4)), ((2, 1), (2, 1)), ((1, 3), (1, 3))])
+def test_train_calibrates_with_sample_pys_sampler(flags, sampler):
+    """train.py's calibrate_T0 measures the curve with sample.py's sampler for the backbone (5 x 4 on tiny) unless
+    --sample-steps / --samples say otherwise, records it, and averages `samples` restorations from successive
+    start noises (with one sample: the single start noise of the calibration before the sampler was recorded)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from train import CALIBRATION_GRID, calibrate_T0
+    from minirestore.bridge import Bridge
+
+    backbone, clean = FakeBackbone(), smooth_images(2, 16)
+    args = argparse.Namespace(seed=0, sample_steps=flags[0], samples=flags[1])
+    bridge = Bridge("ebr", 0.5, T0_range=(0.1, 0.9))
+    out = calibrate_T0(backbone, None, bridge, [{"clean": c} for c in clean], "noise", args, lambda *a: None)
+    steps, samples = sampler
+    assert json.loads(out["T0_curve"])["sampler"] == {"steps": steps, "samples": samples}
+    assert backbone.calls == 6 * CALIBRATION_GRID * steps * samples
+
+
+def test_calibration_averages_successive_start_noises(monkeypatch):
+    """The mean of K restorations = the mean over the first K draws of the generator seeded seed + 7."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+    from minirestore.bridge import Bridge
+
+    seen = {}
+    real = train.calibrate
+
+    def spy(restore, clean, degradation, grid, steps, samples, **kw):
+        x = clean[:1]
+        seen["mean"] = restore(x, 0.5, 1, 3)
+        b = Bridge("ebr", 0.5)
+        g = torch.Generator().manual_seed(7)
+        seen["by_hand"] = sum(b.sample(lambda x_, tau: torch.zeros_like(x_), x, 1, eps=torch.randn(x.shape, generator=g))
+                              for _ in range(3)) / 3
+        return real(restore, clean, degradation, grid[:2], 1, 1, **kw)
+
+    monkeypatch.setattr(train, "calibrate", spy)
+    train.calibrate_T0(FakeBackbone(), None, Bridge("ebr", 0.5, T0_range=(0.1, 0.9)),
+                       [{"clean": c} for c in smooth_images(1, 16)], "noise",
+                       argparse.Namespace(seed=0, sample_steps=1, samples=3), lambda *a: None)
+    assert torch.equal(seen["mean"], seen["by_hand"])
