@@ -11,7 +11,7 @@ Only the prompt P [1, K, D] and the per-block gates alpha train. Each step:
     loss = || x_t - tau v - X0 ||^2                      x0-MSE on latents
 --t0 LOW:HIGH trains one prompt over many horizons (T0 ~ U(LOW, HIGH) per sample, bridge.py) and then
 measures on the validation images which T0 each strength wants: the curve sample.py --t0 auto follows,
-measured with sample.py's sampler for the backbone (--sample-steps x --samples; 5 x 4 on the tiny default).
+measured with sample.py's sampler for the backbone (--sample-steps x --samples; 20 one-step samples on the tiny default).
 `python train.py --recalibrate FILE` measures that curve again for an existing prompt file (no training):
 the same validation images, the file rewritten atomically with only its curve and default T0 changed.
 Every --val-every steps the held-out images are restored with the bridge sampler and scored

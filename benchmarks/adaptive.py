@@ -7,8 +7,8 @@
 Test images: crops of the test photographs (photos.py), exactly as benchmarks/photos.py draws them (crop i of a
 size from default_rng([31, size, i]), degraded with a generator seeded by (size, i)), at noise sigma 0.02, 0.05,
 0.1, 0.2 and 0.3 (--split val: crops of the val photographs instead, to compare prompts or curves without
-looking at the test set). Every learned row uses sample.py's sampler for the backbone (the mean of 4 samples
-of 5 steps on the tiny default; --steps, --samples). Rows per sigma, PSNR and SSIM with 95% intervals
+looking at the test set). Every learned row uses sample.py's sampler for the backbone (the mean of 20
+one-step samples on the tiny default; --steps, --samples). Rows per sigma, PSNR and SSIM with 95% intervals
 (mean +- 1.96 std / sqrt(n)):
 
   noisy input

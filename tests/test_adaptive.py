@@ -139,8 +139,8 @@ def test_recalibrate_errors_are_one_line(which, message, tmp_path):
 def test_adaptive_benchmark_compares_curves_with_sample_pys_sampler(range_prompt, tmp_path):
     """benchmarks/adaptive.py --split val --compare: the other curve's row is paired against auto, and the
     sampler of every learned row is the one given (by default sample.py's)."""
-    shipped = ROOT / "weights" / "tiny" / "prompts" / "noise.safetensors"
-    python("benchmarks/adaptive.py", "--split", "val", "--adaptive", range_prompt, "--compare", f"other={shipped}",
+    before = ROOT / "benchmarks" / "photos" / "prompts" / "noise-range-0.05-0.95-1800.safetensors"  # train.py's own curve
+    python("benchmarks/adaptive.py", "--split", "val", "--adaptive", range_prompt, "--compare", f"other={before}",
            "--sigmas", "0.1", "--images", "2", "--val-images", "2", "--steps", "1", "--samples", "2",
            "--out", tmp_path, cwd=tmp_path)
     md = (tmp_path / "results.md").read_text()
