@@ -20,7 +20,8 @@ size, PSNR and SSIM (mean and 95% interval, mean +- 1.96 std / sqrt(n)) of:
   DnCNN                   with --dncnn-seconds S: dncnn.py trained from scratch for S seconds of wall clock on
                           exactly train.py's batches for the degradation (training photographs, 64 px, seed 0),
                           so with S = a prompt's training time the two are compared at equal cost
-  --prompt NAME=FILE      any other prompt files (a T0 sweep, the baseline bridges), sampled the same way, each
+  --prompt NAME=FILE      any other prompt files (a T0 sweep, the baseline bridges), sampled the same way (with a
+                          T0 curve: --t0 auto per image; NAME=FILE@SxK: S steps x K samples instead), each
                           scored on the degradation its file was trained for
 Paired differences (same images, same sampler noise): every row minus the shipped prompt. The targets table reads
 the issue's noise targets off them: shipped prompt - Gaussian filter >= 1 dB, shipped prompt - BM3D >= -2 dB. The

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default="5x1,10x1,20x1,40x1,5x2,10x2,5x4,10x4,20x4,5x8",
                    help="comma-separated STEPSxSAMPLES")
     p.add_argument("--images", type=int, default=24, help="val crops per sigma")
+    p.add_argument("--t0", default="auto", help="auto (the prompt's curve, per image) or comma-separated fixed T0s, "
+                                                "each budget scored at each (a budget is best compared at its own best T0)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "photos" / "sampler"))
     args = p.parse_args(argv)
     try:
@@ -49,6 +51,12 @@ def parse_args(argv=None):
         args.budgets = [tuple(int(v) for v in b.split("x")) for b in args.budgets.split(",")]
     except ValueError:
         raise UserError("--sigmas takes numbers, --budgets STEPSxSAMPLES pairs, e.g. 5x4,20x1") from None
+    try:
+        args.t0 = ["auto"] if args.t0 == "auto" else [float(t) for t in args.t0.split(",")]
+    except ValueError:
+        raise UserError("--t0 takes auto or comma-separated numbers, e.g. 0.2,0.35,0.5") from None
+    if any(t != "auto" and not 0 < t <= 1 for t in args.t0):
+        raise UserError("--t0: every T0 must be in (0, 1]")
     if any(len(b) != 2 or min(b) < 1 for b in args.budgets):
         raise UserError("--budgets: each entry is STEPSxSAMPLES with both at least 1, e.g. 5x4")
     return args
@@ -73,24 +81,27 @@ def main(argv=None):
     for sigma in args.sigmas:
         clean, noisy = held_out(photos, VAL_BASE, args.images, 64, "noise", dict(sigma=sigma))
         Y = backbone.encode(noisy)
-        T0s = [auto_T0(bank.meta, x)[0] if "T0_curve" in bank.meta else bridge.T0 for x in noisy]
-        for steps, samples in tqdm(args.budgets, desc=f"sigma {sigma:g}"):
-            mean = 0
-            for k in range(samples):
-                eps = torch.randn(Y.shape, generator=torch.Generator().manual_seed(1000 + k))
-                mean = mean + torch.cat([backbone.decode(bridge.at(T0s[i]).sample(velocity, Y[i:i + 1], steps,
-                                                                                  eps=eps[i:i + 1]))
-                                         for i in range(len(Y))]).clamp(0, 1)
-            scores[sigma, steps, samples] = psnr(mean / samples, clean).mean().item()
+        for t0 in args.t0:
+            T0s = [auto_T0(bank.meta, x)[0] if "T0_curve" in bank.meta else bridge.T0 for x in noisy] \
+                if t0 == "auto" else [t0] * len(noisy)
+            for steps, samples in tqdm(args.budgets, desc=f"sigma {sigma:g}, T0 {t0}"):
+                mean = 0
+                for k in range(samples):
+                    eps = torch.randn(Y.shape, generator=torch.Generator().manual_seed(1000 + k))
+                    mean = mean + torch.cat([backbone.decode(bridge.at(T0s[i]).sample(velocity, Y[i:i + 1], steps,
+                                                                                      eps=eps[i:i + 1]))
+                                             for i in range(len(Y))]).clamp(0, 1)
+                scores[sigma, t0, steps, samples] = psnr(mean / samples, clean).mean().item()
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     lines = ["# Sampler budget: steps x samples", "", f"Command: `{command}`", "",
              f"Date: {when}; {torch.get_num_threads()} threads; {time.time() - start:.0f} s. Prompt {shown(args.prompt)}; "
              f"{args.images} val crops of 64 px per sigma; mean PSNR (dB).", "",
-             "| steps x samples | network evaluations | " + " | ".join(f"sigma {s:g}" for s in args.sigmas) + " |",
-             "|---|---|" + "---|" * len(args.sigmas)]
+             "| steps x samples | network evaluations | " + " | ".join(
+                 f"sigma {s:g}" + ("" if t == "auto" else f", T0 {t:g}") for s in args.sigmas for t in args.t0) + " |",
+             "|---|---|" + "---|" * (len(args.sigmas) * len(args.t0))]
     for steps, samples in args.budgets:
         lines.append(f"| {steps} x {samples} | {steps * samples} | "
-                     + " | ".join(f"{scores[s, steps, samples]:.2f}" for s in args.sigmas) + " |")
+                     + " | ".join(f"{scores[s, t, steps, samples]:.2f}" for s in args.sigmas for t in args.t0) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
