@@ -63,15 +63,19 @@ def save_prompt(bank, path, **meta):
     return path
 
 
+def _read(path):
+    """A prompt file's (metadata, tensors), or a one-line UserError when it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{path} is not a readable prompt file ({e})") from None
+
+
 def update_prompt_meta(src, dst, **changes):
     """Write prompt file src to dst (src itself allowed) atomically with the metadata entries `changes` set:
     its tensors (bytes, dtypes) and every other entry exactly as stored (train.py --recalibrate)."""
-    try:
-        with safe_open(str(src), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise UserError(f"{src} is not a readable prompt file ({e})") from None
+    meta, tensors = _read(src)
     dst = Path(dst)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
@@ -89,12 +93,7 @@ def load_prompt(path, backbone=None, K=None, D=None, n_blocks=None):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist: train one with train.py or pass --prompt FILE")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise UserError(f"{path} is not a readable prompt file ({e})") from None
+    meta, tensors = _read(path)
     if set(tensors) != {"prompt", "alpha"}:
         raise UserError(f"{path} is not a prompt file: it holds {', '.join(sorted(tensors)) or 'nothing'} "
                         "instead of `prompt` and `alpha`")
