@@ -105,8 +105,13 @@ def curve_sampler(curve):
 
 
 def plot(path, curve, chosen, rows, sigmas, others=(), split="test"):
-    """Left: the stored T0 curve (and --compare's) and the T0 each scored image got. Right: PSNR against sigma."""
-    import matplotlib
+    """Left: the stored T0 curve (and --compare's) and the T0 each scored image got. Right: PSNR against sigma.
+    Needs matplotlib (the benchmarks extra); without it the plot is skipped with one line and the tables stay."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot ({path.name}): matplotlib is not installed (pip install -e \".[benchmarks]\")")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
