@@ -176,8 +176,9 @@ def _load_folder(folder, device, dtype, quantise=None):
                         "holds flux.safetensors or wan.safetensors, its codec and context.safetensors)")
     context, meta = load_context(ctx_file)
     name = meta.get("backbone") or folder.name
-    if weights_file(folder, "flux").exists():  # flux.safetensors, or its shards' index
-        model = hub.load_flux(weights_file(folder, "flux"), device=device, dtype=dtype, quantise=quantise)
+    flux_file = weights_file(folder, "flux")  # flux.safetensors, or its shards' index
+    if flux_file.exists():
+        model = hub.load_flux(flux_file, device=device, dtype=dtype, quantise=quantise)
         if (folder / "ae.safetensors").exists():
             vae = hub.load_autoencoder(folder / "ae.safetensors", device=device, dtype=torch.float32)
         elif meta.get("codec") == "pixel2":

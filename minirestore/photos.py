@@ -160,11 +160,16 @@ def fetch(cache=None, rows=None, download=apt_download, progress=print):
                 if _sha256(src) != r.sha256:
                     raise UserError(f"{package}:{r.path} has sha256 {_sha256(src)[:12]}..., not the listed "
                                     f"{r.sha256[:12]}...: the package changed; update photos.tsv")
-                tmp_npy = cache / f".{r.name}.npy.tmp"
-                with open(tmp_npy, "wb") as f:
-                    np.save(f, _downscaled(src))
-                os.replace(tmp_npy, cache / f"{r.name}.npy")  # atomic: a crash never leaves half a photo
+                _save_array(cache, r.name, _downscaled(src))
     return cache
+
+
+def _save_array(cache, name, array):
+    """cache/<name>.npy, written to a temporary name and renamed: a crash never leaves half a photo."""
+    tmp = cache / f".{name}.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, cache / f"{name}.npy")
 
 
 def load_split(split, cache=None, rows=None):
@@ -218,11 +223,7 @@ def unpack(src, cache=None, rows=None):
     cache.mkdir(parents=True, exist_ok=True)
     for f in files:
         with Image.open(f) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        tmp = cache / f".{f.stem}.npy.tmp"
-        with open(tmp, "wb") as out:
-            np.save(out, array)
-        os.replace(tmp, cache / f"{f.stem}.npy")
+            _save_array(cache, f.stem, np.asarray(im.convert("RGB"), dtype=np.uint8))
     return [f.stem for f in files]
 
 

@@ -52,10 +52,16 @@ def save_prompt(bank, path, **meta):
     info = {**bank.meta, **meta, "K": bank.K, "D": bank.D, "n_blocks": bank.n_blocks, "version": __version__}
     tensors = {"prompt": bank.prompt.detach().float().cpu().contiguous(),
                "alpha": bank.alpha.detach().float().cpu().contiguous()}
+    return _write(tensors, path, info)
+
+
+def _write(tensors, path, meta):
+    """Tensors and metadata (values as strings) -> path, through a temporary file in the same folder and a
+    rename, so a crash never leaves half a prompt file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in info.items()})
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -76,16 +82,7 @@ def update_prompt_meta(src, dst, **changes):
     """Write prompt file src to dst (src itself allowed) atomically with the metadata entries `changes` set:
     its tensors (bytes, dtypes) and every other entry exactly as stored (train.py --recalibrate)."""
     meta, tensors = _read(src)
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={**meta, **{k: str(v) for k, v in changes.items()}})
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dst
+    return _write(tensors, Path(dst), {**meta, **changes})
 
 
 def load_prompt(path, backbone=None, K=None, D=None, n_blocks=None):
