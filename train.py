@@ -80,9 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--val-count", type=int, help="held-out images for validation (default 4, 8 for tiny)")
     p.add_argument("--val-steps", type=int, default=20, help="sampler steps when validating")
     p.add_argument("--sample-steps", type=int, help="--t0 LOW:HIGH: sampler steps the T0 curve is measured with "
-                   "(default: sample.py's for the backbone, 5 for tiny, 20 otherwise)")
+                   "(default: sample.py's for the backbone, 1 for tiny, 20 otherwise)")
     p.add_argument("--samples", type=int, help="--t0 LOW:HIGH: restorations averaged per image when measuring the "
-                   "T0 curve (default: sample.py's for the backbone, 4 for tiny, 1 otherwise)")
+                   "T0 curve (default: sample.py's for the backbone, 20 for tiny, 1 otherwise)")
     p.add_argument("--recalibrate", metavar="FILE", help="do not train: measure the T0 curve of FILE, a prompt "
                    "trained over a T0 range, again with the sampler above on the validation images its training "
                    "used (the file's degradation, resolution and seed; --data, --val-count as when training) and "
