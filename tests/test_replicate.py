@@ -306,3 +306,24 @@ def test_photos_benchmark_levels_and_their_filter():
     assert args.level == ["sigma 0.2"] and args.degradations == ["noise", "rain"]
     with pytest.raises(photos.UserError, match="not a test level"):
         photos.parse_args(["--level", "sigma 0.3"])
+
+
+def test_bridges_benchmark_picks_each_bridge_on_val(fake_photos, tmp_path):
+    """bridges.py: every bridge's pick is its best (prompt, sampler) on the val crops, and the test table pairs the
+    picks; a degradation without a prompt of some bridge is refused by name."""
+    bridges = load("bridges")
+    prompts = [str(ROOT / "weights/tiny/prompts/blur.safetensors")] + [
+        str(ROOT / f"benchmarks/photos/prompts/blur-{k}-t0.1.safetensors") for k in ("naive", "ddbm")]
+    argv = ["--degradations", "blur", "--samplers", "1x2,2x1", "--val-images", "2", "--images", "2", "--sizes", "64",
+            "--out", str(tmp_path), *prompts]
+    assert bridges.main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    for kind in ("ebr", "naive", "ddbm"):
+        scored = [r for r in result["val"] if r["bridge"] == kind]
+        assert len(scored) == 2 and sum(r["picked"] for r in scored) == 1  # one prompt x two samplers, one pick
+        best = max(scored, key=lambda r: r["psnr"])
+        assert best["picked"] and result["rows"][0]["picks"][kind]["sampler"] == best["sampler"]
+    row = result["rows"][0]
+    assert set(row["ebr_minus"]) == {"naive", "ddbm"} and (tmp_path / "grid-blur-gaussiansigma2.png").exists()
+    with pytest.raises(bridges.UserError, match="ddbm"):
+        bridges.main(argv[:-1])
