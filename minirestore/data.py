@@ -22,7 +22,6 @@ frames with each frame's duration, and written back by `save_frames` as an anima
 """
 import copy
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from . import UserError
 from .degrade import degrade, degrade_clip, parse
+from .files import atomic_write
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -130,7 +130,7 @@ FALLBACK = {
 
 def save_image(x, path, info=None):
     """Write x [3, H, W] to `path` in the input's mode and size (see the module docstring), atomically:
-    a temporary file in the same folder, then os.replace, so a crash never leaves half an image."""
+    a temporary file beside it, then os.replace, so a crash never leaves half an image (atomic_save)."""
     path = Path(path)
     fmt = image_format(path)
     mode = (info or {}).get("mode", "RGB")
@@ -139,12 +139,25 @@ def save_image(x, path, info=None):
     kwargs = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
     if info is not None and info.get("icc_profile") and (out_mode == "CMYK") == (mode == "CMYK"):
         kwargs["icc_profile"] = info["icc_profile"]  # a CMYK profile does not describe RGB pixels
-    atomic_write(path, lambda f: im.save(f, format=fmt, **kwargs))
+    atomic_save(im, path, fmt, **kwargs)
 
 
 def atomic_save(im, path, fmt, **kwargs):
-    """PIL image -> file, atomically (atomic_write)."""
-    atomic_write(path, lambda f: im.save(f, format=fmt, **kwargs))
+    """PIL image -> file, atomically (files.atomic_write): a crash, a full disk or an unwritable folder never
+    leaves half a file, and ends in a one-line UserError."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent}: output folder does not exist")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            im.save(f, format=fmt, **kwargs)
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write it ({e.strerror or e}); free some space or choose another "
+                        "output place") from None
 
 
 def image_format(path):
@@ -153,29 +166,6 @@ def image_format(path):
     if fmt is None or Path(path).suffix.lower() not in IMAGE_EXTS:
         raise UserError(f"{path}: unknown image extension {Path(path).suffix!r}; use one of {', '.join(IMAGE_EXTS)}")
     return fmt
-
-
-def atomic_write(path, write):
-    """write(file object) into a temporary file beside `path`, then os.replace: a crash, a full disk or an
-    unwritable folder never leaves half a file, and ends in a one-line UserError."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent}: output folder does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
-    except OSError as e:
-        raise UserError(f"{path}: cannot write in {path.parent} ({e.strerror}); choose another output place") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"{path}: cannot write it ({e.strerror or e}); free some space or choose another "
-                            "output place") from None
-        raise
 
 
 def load_frames(path):
@@ -213,13 +203,7 @@ def save_frames(frames, path, info):
         kwargs.update(duration=info.get("durations", 100), loop=info.get("loop", 0))
     if fmt == "WEBP":
         kwargs["quality"] = 95
-    atomic_write(path, lambda f: ims[0].save(f, format=fmt, **kwargs))
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_save(ims[0], path, fmt, **kwargs)
 
 
 def list_images(sources):

@@ -8,6 +8,7 @@ from PIL import Image
 
 from minirestore import UserError
 from minirestore.data import CleanFolder, PairedFolder, list_images, load_image, save_image, split
+from minirestore.files import atomic_write
 
 
 def rgb_array(H=12, W=20, seed=0):
@@ -148,6 +149,37 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temp file left
     assert (tmp_path / "out.png").read_bytes() == before  # the old output is untouched
+
+
+def test_atomic_write_helper(tmp_path):
+    target = tmp_path / "a.npy"
+    seen = []
+
+    def write(tmp):  # the writer gets a path with the target's name (np.save would add .npy to any other)
+        seen.append(tmp)
+        np.save(tmp, np.arange(3))
+
+    assert atomic_write(target, write) == target
+    assert seen[0].name == "a.npy" and seen[0].parent.parent == tmp_path  # beside the target: same filesystem
+    assert np.array_equal(np.load(target), np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file's mode, not mkstemp's private 0600
+
+    def fail(error):
+        def write(tmp):
+            tmp.write_bytes(b"half a file")
+            raise error
+        return write
+
+    for error in (OSError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            atomic_write(tmp_path / "new.txt", fail(error))
+        with pytest.raises(type(error)):
+            atomic_write(target, fail(error))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]  # no target made, no temporary left
+        assert np.array_equal(np.load(target), np.arange(3))  # the existing file untouched
 
 
 def test_load_errors_are_one_line(tmp_path):
