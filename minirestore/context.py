@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import UserError, hub
+from .files import atomic_write
 from .tokenizers import wan_clean
 
 # model name -> text-encoder family and default T5 length
@@ -81,16 +82,12 @@ def encode_text(model_name, prompts=("",), length=None, source=None, device=None
 # ---------------------------------------------------------------------------------------------
 
 def save_context(path, tensors, meta=None):
-    """Write a context file atomically (temporary file + os.replace): a crash never leaves half a file."""
+    """Write a context file atomically (files.atomic_write): a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={str(k): str(v) for k, v in (meta or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (meta or {}).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_context(path):
