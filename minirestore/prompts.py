@@ -12,9 +12,7 @@ bridge, T0, steps, version). `python -m minirestore.prompts import IN.pt OUT.saf
 checkpoint of the official release (a pickle dict with `backend`, `deep_prompt_bank.prompts`, `alphas`).
 """
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import UserError, __version__
+from .files import atomic_write
 
 
 class PromptBank(nn.Module):
@@ -56,17 +55,10 @@ def save_prompt(bank, path, **meta):
 
 
 def _write(tensors, path, meta):
-    """Tensors and metadata (values as strings) -> path, through a temporary file in the same folder and a
-    rename, so a crash never leaves half a prompt file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Tensors and metadata (values as strings) -> path, atomically (files.atomic_write), so a crash never
+    leaves half a prompt file."""
+    meta = {k: str(v) for k, v in meta.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _read(path):
