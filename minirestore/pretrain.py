@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +44,7 @@ from tqdm import tqdm
 from . import UserError, hub
 from .cli import run
 from .context import save_context
+from .files import atomic_write
 from .flux import Flux, get_schedule, pack, prepare_ids, unpack
 from .metrics import psnr
 from .loading import save_weights, weights_file
@@ -216,19 +216,8 @@ def sample_grid(flux, text, path, steps, cfg, cols=8, size=64):
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: atomic writes (temporary file + os.replace), so a crash never leaves half a file
+# Files: every one written atomically (files.atomic_write), so a crash never leaves half a file
 # ---------------------------------------------------------------------------------------------
-
-def _atomic(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def write_backbone(out, flux, text, pretrain_config):
     """The backbone folder: flux.safetensors (BFL keys; shards and an index past 16 MiB), text.safetensors,
@@ -240,7 +229,7 @@ def write_backbone(out, flux, text, pretrain_config):
     save_weights(flux_state, out, "flux", meta)
     text_state = {k: v.detach().float().cpu().contiguous() for k, v in text.state_dict().items()}
     meta = {"minirestore_config": json.dumps(asdict(text.config)), "pretrain": json.dumps(pretrain_config)}
-    _atomic(out / "text.safetensors", lambda p: save_file(text_state, str(p), metadata=meta))
+    atomic_write(out / "text.safetensors", lambda p: save_file(text_state, str(p), metadata=meta))
     with torch.no_grad():
         ctx = text.encode([""])  # txt [1, 16, 64], y [1, 64]
     save_context(out / "context.safetensors", ctx, {"backbone": "tiny", "codec": "pixel2"})
@@ -369,7 +358,7 @@ def train(args):
                  "args": json.dumps(vars(args))}  # the config as JSON: every value loads with weights_only=True
         if dgen is not gen:
             state["device_rng"] = dgen.get_state()
-        _atomic(ckpt_path, lambda p: torch.save(state, p))
+        atomic_write(ckpt_path, lambda p: torch.save(state, p))
         write_backbone(args.out, ema_flux, ema_text, pretrain_config)
 
     codec = PixelCodec()
@@ -427,7 +416,7 @@ def main(argv=None):
     print(f"backbone written to {args.out} (step {step}); evaluating {args.eval_n} samples against held-out images")
     result = evaluate(ema_flux, ema_text, args.eval_n, args.sample_steps, data=args.data)
     result["step"] = step
-    _atomic(Path(args.run_dir) / "eval.json", lambda p: p.write_text(json.dumps(result, indent=2)))
+    atomic_write(Path(args.run_dir) / "eval.json", lambda p: p.write_text(json.dumps(result, indent=2)))
     for k, v in result.items():
         print(f"  {k}: {v}")
     print(f"sample grids, checkpoint.pt and eval.json in {args.run_dir}")
