@@ -15,7 +15,6 @@ and import nothing from each other; minirestore.hub gathers their public names):
      safetensors file, or shards under SHARD_BYTES with an index json, the layout `resolve` reads back.
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import UserError
+from .files import atomic_write
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def save_weights(state, folder, stem, metadata=None, max_bytes=None):
     """Write a state dict as folder/stem.safetensors, or, when its tensors pass max_bytes, as shards
     stem-00001-of-0000N.safetensors (each under max_bytes, tensors kept whole and in order) plus
     stem.safetensors.index.json (the Hugging Face layout). Every shard carries the metadata, so each one
-    says what it is. Each file is written to a temporary name and renamed; the other layout's files, left
+    says what it is. Each file is written atomically (files.atomic_write); the other layout's files, left
     by an earlier write, are removed afterwards. max_bytes: SHARD_BYTES unless given. -> the files written."""
     max_bytes = max_bytes or SHARD_BYTES
     folder = Path(folder)
@@ -310,23 +310,19 @@ def save_weights(state, folder, stem, metadata=None, max_bytes=None):
         shards[-1].append(name)
         size += nbytes
 
-    def write(path, save):  # to a temporary name, then renamed: a crash never leaves half a file
-        tmp = path.with_name(f".{path.name}.tmp")
-        save(tmp)
-        os.replace(tmp, path)
-        return path
-
     old = [folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json",
            *folder.glob(f"{stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors")]
     n, written, weight_map = len(shards), [], {}
     for i, names in enumerate(shards, 1):
         path = folder / (f"{stem}.safetensors" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.safetensors")
-        written.append(write(path, lambda p: save_file({k: state[k] for k in names}, str(p), metadata=metadata)))
+        shard = {k: state[k] for k in names}
+        written.append(atomic_write(path, lambda p: save_file(shard, str(p), metadata=metadata)))
         weight_map.update({k: path.name for k in names})
     if n > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": weight_map}
-        written.append(write(folder / f"{stem}.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=1))))
+        written.append(atomic_write(folder / f"{stem}.safetensors.index.json",
+                                    lambda p: p.write_text(json.dumps(index, indent=1))))
     for f in old:
         if f not in written and f.exists():
             f.unlink()
