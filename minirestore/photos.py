@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import UserError
+from .files import atomic_write
 
 LIST = Path(__file__).with_name("photos.tsv")
 MAX_SIDE = 1024  # short side of the cached copy: enough for every scale the crops use
@@ -165,11 +166,8 @@ def fetch(cache=None, rows=None, download=apt_download, progress=print):
 
 
 def _save_array(cache, name, array):
-    """cache/<name>.npy, written to a temporary name and renamed: a crash never leaves half a photo."""
-    tmp = cache / f".{name}.npy.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, cache / f"{name}.npy")
+    """cache/<name>.npy, written atomically (files.atomic_write): a crash never leaves half a photo."""
+    atomic_write(cache / f"{name}.npy", lambda tmp: np.save(tmp, array))
 
 
 def load_split(split, cache=None, rows=None):
@@ -202,10 +200,9 @@ def pack(dest, splits=("train", "val"), cache=None, rows=None, quality=PACK_QUAL
     for split in splits:
         arrays, names = load_split(split, cache, rows)
         for array, name in zip(arrays, names):
-            tmp = dest / f".{name}.jpg.tmp"
-            Image.fromarray(array).save(tmp, "JPEG", quality=quality, subsampling=0)
-            os.replace(tmp, dest / f"{name}.jpg")
-            written.append(dest / f"{name}.jpg")
+            im = Image.fromarray(array)
+            written.append(atomic_write(dest / f"{name}.jpg",
+                                        lambda tmp: im.save(tmp, "JPEG", quality=quality, subsampling=0)))
     return written
 
 
