@@ -30,6 +30,7 @@ from .backbone import load_backbone
 from .cli import Help, run
 from .data import load_image, save_image
 from .distributed import barrier, close, init
+from .files import atomic_write
 from .metrics import psnr, ssim, to_y
 from .restore import TINY_TILE, at_input, bridge_for, default_prompt, load_prompts, restore, sampler_defaults
 from .testsets import canonical, collect
@@ -201,12 +202,6 @@ def drop_partial_line(path):
                 f.truncate(data.rfind(b"\n") + 1)
 
 
-def write_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # -- the loop --------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -238,7 +233,7 @@ def main(argv=None):
         sets[fs] = (prompts, *bridge_for(prompts, 0.4 if ypt and args.t0 is None else args.t0, fs[0]))
     if world.main:  # everything checked: now the output folder
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "settings.json", json.dumps(settings, indent=1) + "\n")
+        atomic_write(out / "settings.json", lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n"))
     barrier(world)
     done = read_rows(out)
     todo = [it for it in items if (it.dataset, it.key) not in done]
@@ -308,8 +303,8 @@ def main(argv=None):
     if world.main:
         md, obj = table(list(read_rows(out).values()), list(dict.fromkeys(it.dataset for it in items)),
                         args.metrics, skipped, {**settings, "steps": steps, "samples": samples})
-        write_atomic(out / "table.md", md)
-        write_atomic(out / "table.json", json.dumps(obj, indent=1) + "\n")
+        atomic_write(out / "table.md", lambda tmp: tmp.write_text(md))
+        atomic_write(out / "table.json", lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
         print(md, end="")
         print(f"wrote {out / 'table.md'} and {out / 'table.json'}")
     close(world)
