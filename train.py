@@ -21,7 +21,6 @@ seeded by (seed, step)); Ctrl-C saves a checkpoint and exits.
 """
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from minirestore.data import (CleanFolder, CleanPhotos, ClipFolder, PairedFolder
                               save_image, split)
 from minirestore.degrade import parse
 from minirestore.distributed import average_gradients, barrier, close, init, sum_across
+from minirestore.files import atomic_write
 from minirestore.metrics import psnr, ssim
 from minirestore.prompts import load_prompt, save_prompt, update_prompt_meta
 from minirestore.restore import sampler_defaults
@@ -139,12 +139,6 @@ def batch_at(dataset, step, batch_size, seed, world):
         degraded.append(item["degraded"])
         gens.append(torch.Generator().manual_seed(item_seed(seed, step, j) + 1))  # t and eps of item j
     return torch.stack(clean), torch.stack(degraded), gens
-
-
-def atomic_save(obj, path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -344,8 +338,9 @@ def main(argv=None):
     def checkpoint(step):
         if not world.main:
             return
-        atomic_save({"prompt": bank.prompt.detach(), "alpha": bank.alpha.detach(), "optimizer": opt.state_dict(),
-                     "step": step, "args": vars(args)}, ckpt_path)
+        state = {"prompt": bank.prompt.detach(), "alpha": bank.alpha.detach(), "optimizer": opt.state_dict(),
+                 "step": step, "args": vars(args)}
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     def log(record):
         if not world.main:
