@@ -3,8 +3,8 @@
 A program stopped while it writes (Ctrl-C, a full disk, the out-of-memory killer, a preempted GPU job) leaves
 half a file: a checkpoint that no longer loads, an image cut short, a weights file whose header promises
 tensors that are not there. When it was overwriting, the good old file is lost as well. So every file is
-first written under a temporary name in the same folder and then renamed over the target with os.replace:
-on one filesystem a rename is atomic, so a reader sees the old file or the new one, never a mix.
+first written under a temporary name beside the target and then renamed over it with os.replace: on one
+filesystem a rename is atomic, so a reader sees the old file or the new one, never a mix.
 
 This module imports nothing of the package, so every module can use it.
 """
