@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "benchmarks"))
 
-from photos import LEVELS, TEST_BASE, VAL_BASE, held_out, label  # noqa: E402
+from photos import LEVELS, TEST_BASE, VAL_BASE, held_out, label, verdict  # noqa: E402
 from replicate import interval, prompt_bridge, restore_set, save_grid  # noqa: E402
 from minirestore import UserError  # noqa: E402
 from minirestore.backbone import load_backbone  # noqa: E402
@@ -142,10 +142,6 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(dict(command=command, rows=rows, val=val_rows), indent=1))
     print("\n" + md)
     return 0
-
-
-def verdict(mean, half):
-    return "yes" if mean - half > 0 else "no" if mean + half < 0 else "tie"
 
 
 def test_table(rows):

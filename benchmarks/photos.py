@@ -268,6 +268,11 @@ def targets(rows):
     return "\n".join(lines)
 
 
+def verdict(mean, half):
+    """A paired difference's 95% interval read as: ahead (yes), behind (no) or a tie."""
+    return "yes" if mean - half > 0 else "no" if mean + half < 0 else "tie (interval spans 0)"
+
+
 def bridge_table(bridges):
     """EBR - naive and EBR - DDBM at the same T0 (paired PSNR differences); empty without baseline prompts."""
     if not bridges:
@@ -276,9 +281,8 @@ def bridge_table(bridges):
              "|---|---|---|---|---|---|---|"]
     for r in bridges:
         mean, half = r["dpsnr"]
-        verdict = "yes" if mean - half > 0 else "no" if mean + half < 0 else "tie (interval spans 0)"
         lines.append(f"| {r['degradation']} {r['level']} | {r['size']} (n {r['n']}) | {r['T0']:g} | {r['ebr']} | "
-                     f"{r['other']} | {mean:+.2f} ± {half:.2f} | {verdict} |")
+                     f"{r['other']} | {mean:+.2f} ± {half:.2f} | {verdict(mean, half)} |")
     return "\n".join(lines)
 
 
