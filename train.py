@@ -60,7 +60,9 @@ def parse_args(argv=None):
                    "(e.g. 0.1:0.8): one prompt for every strength, T0 ~ U(LOW, HIGH) per sample, and a T0 curve "
                    "measured on the validation images for sample.py --t0 auto")
     p.add_argument("--t-min", type=float, default=1e-4, help="smallest bridge time")
-    p.add_argument("--pow", type=float, default=1.0, help="time-sampling skew p in t = t_min + (T0 - t_min) u^p")
+    p.add_argument("--pow", type=float, default=1.0, help="time-sampling skew p in t = t_min + (T0 - t_min) u^p: 1 "
+                   "uniform (the paper's); < 1 puts more steps near T0, where sample.py's one-step samples query the "
+                   "model (the shipped tiny prompts for lowlight, haze, jpeg, rain and snow use 0.3)")
     p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
     p.add_argument("--ddbm-sigma", type=float, default=1.0, help="noise scale of the ddbm baseline's Brownian bridge")
     p.add_argument("--data", help="a folder of clean images (degraded on the fly), a paired folder with clean/ and "
@@ -331,7 +333,7 @@ def main(argv=None):
         start = state["step"]
         print(f"resuming {ckpt_path} at step {start}")
     meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, T0=bridge.T0, t_min=args.t_min,
-                ddbm_sigma=args.ddbm_sigma,
+                pow=args.pow, ddbm_sigma=args.ddbm_sigma,
                 resolution=resolution if isinstance(resolution, int) else "x".join(map(str, resolution)), lr=lr,
                 batch_size=args.batch_size, seed=args.seed)
 

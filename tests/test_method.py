@@ -53,6 +53,7 @@ def test_training_lowers_the_loss_on_held_out_images(backbone_dir, images_dir, t
     assert val[-1]["val_loss"] < 0.9 * val[0]["val_loss"], val
     bank = load_prompt(tmp_path / "p.safetensors", backbone="test-flux")
     assert bank.meta["degradation"] == "noise" and float(bank.meta["T0"]) == 0.6 and bank.meta["steps"] == "40"
+    assert float(bank.meta["pow"]) == 1.0  # the time skew is recorded, so a prompt file says how to retrain it
     assert bank.alpha.abs().sum() > 0
     assert (tmp_path / "run" / "preview-000040.png").exists()
 
