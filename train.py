@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--t-min", type=float, default=1e-4, help="smallest bridge time")
     p.add_argument("--pow", type=float, default=1.0, help="time-sampling skew p in t = t_min + (T0 - t_min) u^p: 1 "
                    "uniform (the paper's); < 1 puts more steps near T0, where sample.py's one-step samples query the "
-                   "model (the shipped tiny prompts for lowlight, haze, jpeg, rain and snow use 0.3)")
+                   "model (a prompt file records its pow in its metadata)")
     p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
     p.add_argument("--ddbm-sigma", type=float, default=1.0, help="noise scale of the ddbm baseline's Brownian bridge")
     p.add_argument("--data", help="a folder of clean images (degraded on the fly), a paired folder with clean/ and "

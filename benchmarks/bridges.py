@@ -133,7 +133,7 @@ def main(argv=None):
                     save_grid([degraded, restored["naive"], restored["ddbm"], restored["ebr"], clean],
                               out / f"grid-{d}-{label(level).replace(' ', '')}.png")
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    md = "\n".join([f"# Bridges, each at its own best T0 and sampler", "", f"Command: `{command}`", "",
+    md = "\n".join(["# Bridges, each at its own best T0 and sampler", "", f"Command: `{command}`", "",
                     f"Date: {when}; device: {args.device}, {torch.get_num_threads()} threads; total "
                     f"{time.time() - start:.0f} s. Picked on {args.val_images} val crops (64 px), scored on "
                     f"{args.images} test crops of {', '.join(test_photos.names)}.", "",

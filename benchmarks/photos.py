@@ -308,7 +308,7 @@ def main(argv=None):
                 if size == min(args.sizes):
                     save_grid(columns, out / f"grid-{degradation}-{label(level).replace(' ', '')}.png")
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    md = "\n".join([f"# The tiny default on held-out photographs", "", f"Command: `{command}`", "",
+    md = "\n".join(["# The tiny default on held-out photographs", "", f"Command: `{command}`", "",
                     f"Date: {when}; device: {args.device}, {torch.get_num_threads()} threads; total "
                     f"{time.time() - start:.0f} s. Scored on the {args.split} photographs: {', '.join(test_photos.names)}.", "",
                     table(rows), "", targets(rows), "", bridge_table(bridges), ""])
