@@ -7,8 +7,9 @@
 
 The degraded image is encoded to Y, noised to level T0, X = (1 - T0) Y + T0 eps, and walked back
 to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampler, 20 steps by
-default; on the tiny default the mean of 20 one-step samples, the same cost). A prompt trained over a T0 range (train.py --t0 0.05:0.8) picks T0 per input (--t0 auto, its
-default): the degradation's strength is estimated from the input and mapped through the prompt's measured
+default; on the tiny default the mean of 20 one-step samples, the same cost, each on its tiles shifted to
+another phase of the 4-pixel token grid, --spin). A prompt trained over a T0 range (train.py --t0 0.05:0.8)
+picks T0 per input (--t0 auto, its default): the degradation's strength is estimated from the input and mapped through the prompt's measured
 curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
 step. Outputs keep the input's size and mode (data.py's table: CMYK stays CMYK, a palette becomes RGB)
 and never overwrite an input; each is written atomically (a temporary file, then a rename). With a Wan
@@ -33,7 +34,7 @@ from minirestore.data import (ANIMATED_FORMATS, IMAGE_EXTS, frame_count, image_f
                               load_image, save_frames, save_image)
 from minirestore.distributed import barrier, close, init
 from minirestore.restore import (TINY_TILE, at_input, blend_weight, bridge_for, default_prompt, load_prompts,  # noqa: F401
-                                 restore, sampler_defaults, tile_starts)  # (benchmarks and tests import restore's names from here)
+                                 restore, sampler_defaults, spun, tile_starts)  # (benchmarks and tests import restore's names from here)
 from minirestore.long_video import restore_stream
 from minirestore.video import VIDEO_SUFFIXES, FrameWriter, iter_frames, probe, read_video, write_video
 
@@ -60,10 +61,13 @@ def parse_args(argv=None):
                    "degradation strength, on the curve stored in a prompt trained over a T0 range (default: auto for "
                    "such prompts, else the prompt's own T0)")
     p.add_argument("--steps", type=int, help="sampler steps, network evaluations per prompt and sample "
-                   "(default: 5 for tiny, 20 otherwise and with --protocol ypt)")
+                   "(default: 1 for tiny, 20 otherwise and with --protocol ypt)")
     p.add_argument("--samples", type=int, help="average this many restorations from different start noises "
-                   "(the posterior mean: higher PSNR, slightly smoother, samples x the time; default: 4 for tiny, "
+                   "(the posterior mean: higher PSNR, slightly smoother, samples x the time; default: 20 for tiny, "
                    "1 otherwise and with --protocol ypt)")
+    p.add_argument("--spin", type=int, help="cycle spinning, with --tile: restoration k sees each tile shifted to "
+                   "another of the SPIN x SPIN phases of the token grid, so its seams average out (0: off; "
+                   "default: 4 for tiny, its token size in pixels, 0 otherwise and with --protocol ypt)")
     p.add_argument("--out", help="with one input and a name ending like an image (.png, .jpg, ...; for a clip "
                    "like a video: .mp4, .mov, .webm): the output file, its folder created; otherwise the output "
                    "folder, created if need be (default: beside each input, named with --suffix)")
@@ -89,6 +93,8 @@ def parse_args(argv=None):
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
+    if args.spin is not None and args.spin < 0:
+        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     if args.window < 9 or args.window % 4 != 1:
         raise UserError(f"--window must be 4k+1 frames with k >= 2 (e.g. 33, 81), got {args.window}")
     if args.window_overlap % 4 or not 4 <= args.window_overlap < args.window - 1:
@@ -189,10 +195,14 @@ def main(argv=None):
             raise UserError(f"{src} is {W}x{H}, larger than --max-size {args.max_size}: resize it or raise --max-size")
 
     backbone = load_backbone(args.model, args.device, dtype, weights=args.weights, offload=args.offload)
-    steps, samples = sampler_defaults(backbone.name, args.steps, args.samples, ypt)
+    steps, samples, spin = sampler_defaults(backbone.name, args.steps, args.samples, ypt, args.spin)
     prompt_files = args.prompt or [default_prompt(backbone.name, args.degradation)]
     prompts = load_prompts(backbone, prompt_files)
     t0 = 0.4 if ypt and args.t0 is None else args.t0  # the release samples every prompt from T0 0.4
+    tile = 0 if ypt else args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
+    if args.spin and not tile:
+        raise UserError("--spin shifts the tiles between samples: it needs --tile N (the tiny default tiles by "
+                        "itself) and the native protocol, not --protocol ypt")
     bridge, auto = bridge_for(prompts, t0, prompt_files[0])
 
     from tqdm.auto import tqdm
@@ -211,16 +221,17 @@ def main(argv=None):
             print(f"{src} -> {dst} ({note})")
             continue
         x, info = read(kind, src, size)
-        tile = 0 if ypt else args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
         b, note = at_input(bridge, auto, prompts[0].meta, x)
         # ypt: each input as the release's run_single.py restores it, the posterior stream fresh per run
         stream = protocol.PosteriorStream(backbone.device) if ypt else None
         if kind == "animation" and backbone.kind == "flux":  # an image model: each frame on its own
             print(f"{src}: {len(x)} frames, each restored as an image")
-            restored = torch.stack([restore(backbone, prompts, b, frame, steps, args.seed, tile=tile, samples=samples)
+            restored = torch.stack([restore(backbone, prompts, b, frame, steps, args.seed, tile=tile, samples=samples,
+                                            spin=spin)
                                     for frame in tqdm(x, desc="frames", unit="frame", leave=False)])
         else:  # an image, or a clip (a video, a frame folder or, with Wan, an animated image)
-            restored = restore(backbone, prompts, b, x, steps, args.seed, tile=tile, ypt=stream, samples=samples)
+            restored = restore(backbone, prompts, b, x, steps, args.seed, tile=tile, ypt=stream, samples=samples,
+                               spin=spin)
         if kind == "image":
             save_image(restored, dst, info) if not ypt else protocol.save_jpeg(restored, dst)
         elif kind == "animation":

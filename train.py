@@ -37,7 +37,7 @@ from minirestore.distributed import average_gradients, barrier, close, init, sum
 from minirestore.files import atomic_write
 from minirestore.metrics import psnr, ssim
 from minirestore.prompts import load_prompt, save_prompt, update_prompt_meta
-from minirestore.restore import sampler_defaults
+from minirestore.restore import sampler_defaults, spun
 from minirestore.strength import calibrate
 
 DEFAULTS = {  # per backbone: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
@@ -85,6 +85,8 @@ def parse_args(argv=None):
                    "(default: sample.py's for the backbone, 1 for tiny, 20 otherwise)")
     p.add_argument("--samples", type=int, help="--t0 LOW:HIGH: restorations averaged per image when measuring the "
                    "T0 curve (default: sample.py's for the backbone, 20 for tiny, 1 otherwise)")
+    p.add_argument("--spin", type=int, help="--t0 LOW:HIGH: cycle-spinning period in pixels when measuring the T0 "
+                   "curve (sample.py --spin; default: sample.py's for the backbone, 4 for tiny, 0 otherwise)")
     p.add_argument("--recalibrate", metavar="FILE", help="do not train: measure the T0 curve of FILE, a prompt "
                    "trained over a T0 range, again with the sampler above on the validation images its training "
                    "used (the file's degradation, resolution and seed; --data, --val-count as when training) and "
@@ -100,6 +102,8 @@ def parse_args(argv=None):
     for flag in ("steps", "batch_size", "val_count", "val_steps", "frames", "sample_steps", "samples"):  # None: the backbone's default
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.spin is not None and args.spin < 0:
+        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     for flag in ("lr", "t_min", "pow", "ddbm_sigma"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:  # `not >` also refuses nan
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -185,21 +189,26 @@ def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
     rung (with 1 sample: exactly the noise of the 1 x 20 calibration before). Every process computes the same
     numbers (no sharding: it is small)."""
     clean = torch.stack([val_set[i]["clean"] for i in range(len(val_set))])
-    steps, samples = sampler_defaults(backbone.name, args.sample_steps, args.samples)
+    steps, samples, spin = sampler_defaults(backbone.name, args.sample_steps, args.samples, spin=args.spin)
     velocity = lambda x, tau: backbone.velocity(x, tau, bank)  # noqa: E731
 
-    def restore(degraded, T0, steps, samples):  # (1 / K) sum_k decode(sample(x_T0 = (1 - T0) Y + T0 eps_k))
-        Y = backbone.encode(degraded)
+    def restore(degraded, T0, steps, samples):  # (1 / K) sum_k decode(sample(x_T0 = (1 - T0) Y + T0 eps_k)), spun
         g = torch.Generator().manual_seed(args.seed + 7)
-        return sum(backbone.decode(bridge.at(T0).sample(velocity, Y, steps, eps=torch.randn(Y.shape, generator=g)
-                                                        .to(Y.device))).float().cpu() for _ in range(samples)) / samples
+
+        def one(x, k):
+            Y = backbone.encode(x)
+            eps = torch.randn(Y.shape, generator=g).to(Y.device)
+            return backbone.decode(bridge.at(T0).sample(velocity, Y, steps, eps=eps)).float().cpu()
+        return spun(one, degraded, samples, spin)
 
     grid = torch.linspace(*bridge.T0_range, CALIBRATION_GRID).tolist()
     show = lambda level, scores: say(f"calibrating T0 {level or 'val images'}: " + "  ".join(  # noqa: E731
         f"{T0:.2f}:{p:.2f}" for T0, p in zip(grid, scores)))
     paired = None if degradation else torch.stack([val_set[i]["degraded"] for i in range(len(val_set))])
-    say(f"calibrating T0 with sample.py's sampler on {backbone.name}: the mean of {samples} samples of {steps} steps")
-    out = calibrate(restore, clean, degradation, grid, steps, samples, seed=args.seed, progress=show, degraded=paired)
+    say(f"calibrating T0 with sample.py's sampler on {backbone.name}: the mean of {samples} samples of {steps} steps"
+        + (f", spin {spin}" if spin else ""))
+    out = calibrate(restore, clean, degradation, grid, steps, samples, seed=args.seed, progress=show, degraded=paired,
+                    spin=spin)
     if "T0_curve" in out:
         c = json.loads(out["T0_curve"])
         say("T0 curve: " + ", ".join(f"{s:.3f} -> {T0:.2f}" for s, T0 in zip(c["strength"], c["T0"])))

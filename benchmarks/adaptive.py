@@ -149,7 +149,7 @@ def main(argv=None):
     for (name, bank), (_, f) in zip(compare, args.compare):
         if "T0_curve" not in bank.meta:
             raise UserError(f"--compare {name}={f} has no T0 curve: compare prompts trained over a T0 range")
-    S, K = sampler_defaults(backbone.name, args.steps, args.samples)
+    S, K, P = sampler_defaults(backbone.name, args.steps, args.samples)
     val_photos, test_photos = PhotoCrops("val"), PhotoCrops(args.split)
     rows, chosen = [], []
     for sigma in args.sigmas:
@@ -165,14 +165,14 @@ def main(argv=None):
                                                  classical.describe(name, params))]
         for fname, bank in fixed:
             fb = prompt_bridge(bank)
-            methods.append((f"{fname} (fixed T0 {fb.T0:g})", restore_set(backbone, bank, fb, noisy, S, samples=K), ""))
-        methods.append((f"adaptive, default T0 {b.T0:.3g}", restore_set(backbone, adaptive, b, noisy, S, samples=K),
+            methods.append((f"{fname} (fixed T0 {fb.T0:g})", restore_set(backbone, bank, fb, noisy, S, samples=K, spin=P), ""))
+        methods.append((f"adaptive, default T0 {b.T0:.3g}", restore_set(backbone, adaptive, b, noisy, S, samples=K, spin=P),
                         "one T0 for all"))
         for cname, bank in compare:  # its own curve: T0 per image, the same crops, noise and sampler
             cT0s = [auto_T0(bank.meta, x)[0] for x in noisy]
             methods.append((f"{cname}, --t0 auto", restore_set(backbone, bank, prompt_bridge(bank), noisy, S, T0s=cT0s,
-                                                              samples=K), spread(cT0s)))
-        auto = restore_set(backbone, adaptive, b, noisy, S, T0s=T0s, samples=K)
+                                                              samples=K, spin=P), spread(cT0s)))
+        auto = restore_set(backbone, adaptive, b, noisy, S, T0s=T0s, samples=K, spin=P)
         methods.append(("adaptive, --t0 auto", auto, spread(T0s)))
         ref = psnr(auto, clean)
         for method, x, note in methods:

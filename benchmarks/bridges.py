@@ -35,6 +35,7 @@ sys.path.append(str(ROOT / "benchmarks"))
 
 from photos import LEVELS, TEST_BASE, VAL_BASE, held_out, label, verdict  # noqa: E402
 from replicate import interval, prompt_bridge, restore_set, save_grid  # noqa: E402
+from sample import sampler_defaults  # noqa: E402
 from minirestore import UserError  # noqa: E402
 from minirestore.backbone import load_backbone  # noqa: E402
 from minirestore.bridge import KINDS  # noqa: E402
@@ -49,12 +50,16 @@ def parse_args(argv=None):
     p.add_argument("prompts", nargs="+", help="candidate prompt files (fixed T0; any bridge, any degradation)")
     p.add_argument("--degradations", default="noise,blur,lowlight,haze", help=f"comma-separated, from {', '.join(LEVELS)}")
     p.add_argument("--samplers", default="1x20,5x4,20x1", help="STEPSxSAMPLES entries every candidate is tried with")
+    p.add_argument("--spin", type=int, help="cycle-spinning period of every sampler (sample.py --spin; default: "
+                   "sample.py's for the backbone; it shifts samples 2..K, so a 1-sample sampler is unchanged)")
     p.add_argument("--val-images", type=int, default=24, help="val-photo crops (64 px) that pick each bridge's candidate")
     p.add_argument("--sizes", default="128", help="test crop sides in pixels")
     p.add_argument("--images", type=int, default=50, help="test crops per size")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "photos" / "bridges"), help="results and grids")
     p.add_argument("--device", default="cpu", help="torch device")
     args = p.parse_args(argv)
+    if args.spin is not None and args.spin < 0:
+        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     args.degradations = args.degradations.split(",")
     for d in args.degradations:
         if d not in LEVELS:
@@ -95,7 +100,7 @@ def pick(args, backbone, options, clean, degraded):
     scores = []
     for name, bank, bridge in options:
         for steps, samples in args.samplers:
-            x = restore_set(backbone, bank, bridge, degraded, steps, samples=samples)
+            x = restore_set(backbone, bank, bridge, degraded, steps, samples=samples, spin=args.spin)
             scores.append((psnr(x, clean).mean().item(), name, bank, bridge, (steps, samples)))
     best = max(scores, key=lambda s: s[0])
     return best[1:], [(name, bridge.T0, sampler, p) for p, name, _, bridge, sampler in scores]
@@ -106,6 +111,7 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     backbone = load_backbone("tiny", args.device, torch.float32)
+    args.spin = sampler_defaults(backbone.name, spin=args.spin)[2]
     found = candidates(args, backbone)
     val_photos, test_photos = PhotoCrops("val"), PhotoCrops("test")
     out = Path(args.out)
@@ -121,7 +127,7 @@ def main(argv=None):
                                   picked=n == picks[kind][0] and s == picks[kind][3]) for n, T0, s, p in scored]
             for size in args.sizes:
                 clean, degraded = held_out(test_photos, TEST_BASE, args.images, size, d, level)
-                restored = {kind: restore_set(backbone, bank, bridge, degraded, s, samples=k)
+                restored = {kind: restore_set(backbone, bank, bridge, degraded, s, samples=k, spin=args.spin)
                             for kind, (_, bank, bridge, (s, k)) in picks.items()}
                 p = {kind: psnr(x, clean) for kind, x in restored.items()}
                 rows.append(dict(degradation=d, level=label(level), size=size, n=args.images,
@@ -134,7 +140,8 @@ def main(argv=None):
                               out / f"grid-{d}-{label(level).replace(' ', '')}.png")
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     md = "\n".join(["# Bridges, each at its own best T0 and sampler", "", f"Command: `{command}`", "",
-                    f"Date: {when}; device: {args.device}, {torch.get_num_threads()} threads; total "
+                    f"Date: {when}; device: {args.device}, {torch.get_num_threads()} threads; cycle spinning "
+                    f"{args.spin or 'off'}; total "
                     f"{time.time() - start:.0f} s. Picked on {args.val_images} val crops (64 px), scored on "
                     f"{args.images} test crops of {', '.join(test_photos.names)}.", "",
                     test_table(rows), "", val_table(val_rows), ""])

@@ -15,8 +15,9 @@ size, PSNR and SSIM (mean and 95% interval, mean +- 1.96 std / sqrt(n)) of:
   no prompt               the frozen model sampled with the EBR sampler from the shipped prompt's T0
   shipped prompt          weights/tiny/prompts/<degradation>.safetensors, exactly as `python sample.py` runs it
                           (its bridge from the file, its T0 or, with a T0 curve, --t0 auto per image; sample.py's
-                          steps and samples, 64 px tiles blended); "no prompt" uses the same T0s and sampler;
-                          when sample.py's sampler is not the released one (1 sample of 20 steps), that too
+                          steps, samples and spin, 64 px tiles blended); "no prompt" uses the same T0s and sampler;
+                          when sample.py's sampler is not the released one (1 sample of 20 steps), that too, and
+                          with cycle spinning (--spin) the same sampler without it
   DnCNN                   with --dncnn-seconds S: dncnn.py trained from scratch for S seconds of wall clock on
                           exactly train.py's batches for the degradation (training photographs, 64 px, seed 0),
                           so with S = a prompt's training time the two are compared at equal cost
@@ -92,9 +93,13 @@ def parse_args(argv=None):
                    help="train and score a DnCNN for this many seconds per degradation (0: not run); cached in --out")
     p.add_argument("--steps", type=int, help="sampler steps of every learned row (default: sample.py's)")
     p.add_argument("--samples", type=int, help="restorations averaged per image (default: sample.py's)")
+    p.add_argument("--spin", type=int, help="cycle-spinning period of every learned row (sample.py --spin; "
+                   "default: sample.py's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "photos"), help="results and grids")
     p.add_argument("--device", default="cpu", help="torch device")
     args = p.parse_args(argv)
+    if args.spin is not None and args.spin < 0:
+        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     args.degradations = [d.strip() for d in args.degradations.split(",") if d.strip()]
     for d in args.degradations:
         if d not in LEVELS:
@@ -200,16 +205,19 @@ def evaluate(args, backbone, degradation, level, size, n, val_photos, test_photo
                           n_blocks=backbone.n_blocks)
     bridge = prompt_bridge(shipped)
     T0s = [auto_T0(shipped.meta, x)[0] for x in degraded] if "T0_curve" in shipped.meta else None  # --t0 auto
-    S, K = args.steps, args.samples
-    none = restore_set(backbone, None, Bridge("ebr", bridge.T0), degraded, S, T0s=T0s, samples=K)
+    S, K, P = args.steps, args.samples, args.spin
+    none = restore_set(backbone, None, Bridge("ebr", bridge.T0), degraded, S, T0s=T0s, samples=K, spin=P)
     T0 = f"T0 {bridge.T0:g}" if T0s is None else f"auto T0 {np.mean(T0s):.2f} ± {np.std(T0s):.2f}"
     methods.append((f"no prompt ({T0})", none, "frozen model, EBR sampler"))
     if (S, K) != (20, 1):  # the released sampler, for reference
         methods.append((f"shipped prompt, 1 sample of 20 steps ({T0})",
                         restore_set(backbone, shipped, bridge, degraded, 20, T0s=T0s), "the released sampler"))
-    restored = restore_set(backbone, shipped, bridge, degraded, S, T0s=T0s, samples=K)
+    if P and K > 1:  # the same sampler without cycle spinning, for reference
+        methods.append((f"shipped prompt, no cycle spinning ({T0})",
+                        restore_set(backbone, shipped, bridge, degraded, S, T0s=T0s, samples=K), "--spin 0"))
+    restored = restore_set(backbone, shipped, bridge, degraded, S, T0s=T0s, samples=K, spin=P)
     methods.append((f"shipped prompt ({bridge.kind}, {T0})", restored,
-                    f"what sample.py runs: mean of {K} samples of {S} steps"))
+                    f"what sample.py runs: mean of {K} samples of {S} steps" + (f", spin {P}" if P else "")))
     learned = [] if T0s is not None else [(bridge.kind, bridge.T0, len(methods) - 1)]  # fixed-T0 prompts
     for name, path, bank, sampler in args.prompt:
         if bank.meta.get("degradation") != degradation:
@@ -218,7 +226,7 @@ def evaluate(args, backbone, degradation, level, size, n, val_photos, test_photo
         own = [auto_T0(bank.meta, x)[0] for x in degraded] if "T0_curve" in bank.meta else None  # as sample.py
         when = f"T0 {b.T0:g}" if own is None else f"auto T0 {np.mean(own):.2f}"
         methods.append((f"{name} ({b.kind}, {when}" + (f", {k} x {s} steps)" if sampler else ")"),
-                        restore_set(backbone, bank, b, degraded, s, T0s=own, samples=k), str(path)))
+                        restore_set(backbone, bank, b, degraded, s, T0s=own, samples=k, spin=P), str(path)))
         if own is None:
             learned.append((b.kind, b.T0, len(methods) - 1))
     ref = psnr(restored, clean)
@@ -296,8 +304,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.prompt = load_prompts(args, backbone)
-    steps, samples = sampler_defaults(backbone.name)
-    args.steps, args.samples = args.steps or steps, args.samples or samples
+    args.steps, args.samples, args.spin = sampler_defaults(backbone.name, args.steps, args.samples, spin=args.spin)
     rows, bridges = [], []
     for degradation in args.degradations:
         for level in [v for v in LEVELS[degradation] if not args.level or label(v) in args.level]:

@@ -66,7 +66,7 @@ from minirestore.distributed import World  # noqa: E402
 from minirestore.metrics import psnr, ssim  # noqa: E402
 from minirestore.procedural import dead_leaves  # noqa: E402
 from minirestore.prompts import load_prompt  # noqa: E402
-from sample import TINY_TILE, restore  # noqa: E402
+from sample import TINY_TILE, restore, spun  # noqa: E402
 
 STRENGTHS = {  # the test images' fixed degradations (inside the ranges the prompts train on)
     "noise": dict(sigma=0.15),                           # additive Gaussian, std 0.15 of [0, 1] (38 / 255)
@@ -294,27 +294,26 @@ def train_cnn(args, backbone, degradation, data_dir, seconds):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def restore_set(backbone, bank, bridge, degraded, steps, batch=16, T0s=None, samples=1):
+def restore_set(backbone, bank, bridge, degraded, steps, batch=16, T0s=None, samples=1, spin=0):
     """Restore [N, 3, H, W]; image i always starts from the noise of seed SAMPLE_SEED + i, so every
     method sees the same noise. Beyond the tiny model's 64 x 64, sample.restore's overlapping tiles.
     T0s: one T0 per image (adaptive T0) instead of the bridge's own. samples > 1: the mean of that many
     restorations (sample.py --samples; the first is the samples = 1 one, sample k starts from seed
-    SAMPLE_SEED + i + 1_000_003 k without tiles)."""
+    SAMPLE_SEED + i + 1_000_003 k without tiles); spin: sample.py --spin (restore.spun)."""
     bridges = [bridge.at(T0) for T0 in T0s] if T0s is not None else [bridge] * len(degraded)
     if backbone.name == "tiny" and max(degraded.shape[-2:]) > TINY_TILE:
-        return torch.stack([restore(backbone, [bank], b, x, steps, SAMPLE_SEED + i, tile=TINY_TILE, samples=samples)
-                            for i, (x, b) in enumerate(zip(degraded, bridges))])
+        return torch.stack([restore(backbone, [bank], b, x, steps, SAMPLE_SEED + i, tile=TINY_TILE, samples=samples,
+                                    spin=spin) for i, (x, b) in enumerate(zip(degraded, bridges))])
     velocity = lambda x, tau: backbone.velocity(x, tau, bank)  # noqa: E731
     out = []
     batch = 1 if T0s is not None else batch  # a batch shares one bridge: one image at a time
     for idx in (list(range(i0, min(i0 + batch, len(degraded)))) for i0 in range(0, len(degraded), batch)):
-        Y = backbone.encode(degraded[idx])
-        x = 0
-        for k in range(samples):
+        def restore_one(x, k):
+            Y = backbone.encode(x)
             eps = torch.stack([torch.randn(Y.shape[1:], generator=torch.Generator().manual_seed(
                 SAMPLE_SEED + i + 1_000_003 * k)) for i in idx]).to(Y.device)
-            x = x + backbone.decode(bridges[idx[0]].sample(velocity, Y, steps, eps=eps)).cpu()
-        out.append(x / samples)
+            return backbone.decode(bridges[idx[0]].sample(velocity, Y, steps, eps=eps)).cpu()
+        out.append(spun(restore_one, degraded[idx], samples, spin))
     return torch.cat(out)
 
 

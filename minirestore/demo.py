@@ -74,7 +74,7 @@ class Restorer:
         from .backbone import load_backbone
 
         self.backbone = load_backbone(model, device, dtype)
-        self.steps, self.samples = sampler_defaults(self.backbone.name)  # sample.py's sampler
+        self.steps, self.samples, self.spin = sampler_defaults(self.backbone.name)  # sample.py's sampler
         self.files = available_prompts(self.backbone.name, prompts)
         self.prepared = {}  # degradation set -> (prompts, bridge, auto)
         self.max_size, self.max_bytes, self.seed = max_size, max_bytes, seed
@@ -146,7 +146,7 @@ class Restorer:
 
                 with torch.no_grad():
                     out = restore(Counting(self.backbone, tick), prompts, bridge, x, steps, self.seed,
-                                  tile=self.tile, samples=self.samples)
+                                  tile=self.tile, samples=self.samples, spin=self.spin)
             state.update(result=png(out, info), progress=1.0, state="done",
                          note="; ".join(n for n in (state["note"], note) if n))
         except UserError as e:

@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="sampler steps (default: sample.py's, 20 with --protocol ypt)")
     p.add_argument("--samples", type=int, help="restorations averaged per input (default: sample.py's, 1 with "
                    "--protocol ypt)")
+    p.add_argument("--spin", type=int, help="native protocol, tiles: cycle spinning period in pixels (sample.py "
+                   "--spin; default: sample.py's, 0 with --protocol ypt)")
     p.add_argument("--frames", type=int, default=protocol.FRAMES, help="clips: score the first this many frames")
     p.add_argument("--tile", type=int, help="native protocol: tile size (default: 64 for tiny, off otherwise)")
     p.add_argument("--seed", type=int, default=0, help="native protocol: the start noise's seed")
@@ -75,6 +77,8 @@ def parse_args(argv=None):
         raise UserError(f"unknown metric {unknown[0]!r}: choose from {', '.join(BUILT_IN + perceptual.NAMES)}")
     if min(args.steps or 1, args.samples or 1, args.frames) < 1:
         raise UserError("--steps, --samples and --frames must be at least 1")
+    if args.spin is not None and args.spin < 0:
+        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     if args.t0 is not None and not 0 < args.t0 <= 1:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
     return args
@@ -184,7 +188,8 @@ def table(rows, order, metrics, skipped, settings):
             row[m] = sum(vals) / len(vals) if vals else None
         out.append(row)
     fmt = lambda m, v: "–" if v is None else f"{v:.2f}" if m.startswith("psnr") or m == "musiq" else f"{v:.4f}"  # noqa: E731
-    lines = [f"{settings['model']}, protocol {settings['protocol']}, {settings['steps']} steps x {settings['samples']} samples", "",
+    lines = [f"{settings['model']}, protocol {settings['protocol']}, {settings['steps']} steps x {settings['samples']} samples"
+             + (f", spin {settings['spin']}" if settings.get("spin") else ""), "",
              "| Dataset | Degradation | Count | " + " | ".join(HEADERS[m] for m in cols) + " |",
              "|---|---|---:|" + "---:|" * len(cols)]
     lines += [f"| {r['dataset']} | {r['degradation']} | {r['count']} | " + " | ".join(fmt(m, r[m]) for m in cols) + " |"
@@ -213,9 +218,9 @@ def main(argv=None):
         args.dtype or (("fp16" if ypt else "bf16") if args.device.startswith("cuda") else "fp32")]
     items = collect(args.sources, args.root, args.degradation)
     out = Path(args.out)
-    # steps and samples as given (None: sample.py's defaults for the backbone, resolved once it is loaded)
+    # steps, samples and spin as given (None: sample.py's defaults for the backbone, resolved once it is loaded)
     settings = {"model": str(args.model), "protocol": args.protocol, "steps": args.steps, "samples": args.samples,
-                "t0": args.t0, "seed": args.seed,
+                "spin": args.spin, "t0": args.t0, "seed": args.seed,
                 "frames": args.frames, "tile": args.tile, "dtype": str(dtype).split(".")[-1],
                 "metrics": args.metrics, "y": args.y}
     old = json.loads((out / "settings.json").read_text()) if (out / "settings.json").exists() else None
@@ -223,7 +228,11 @@ def main(argv=None):
         diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
         raise UserError(f"{out} holds rows scored with other settings ({diff}): pass another --out, or the same flags")
     backbone = load_backbone(args.model, args.device, dtype)
-    steps, samples = sampler_defaults(backbone.name, args.steps, args.samples, ypt)  # as sample.py resolves them
+    steps, samples, spin = sampler_defaults(backbone.name, args.steps, args.samples, ypt, args.spin)  # as sample.py does
+    tile = 0 if ypt else args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
+    if args.spin and not tile:
+        raise UserError("--spin shifts the tiles between samples: it needs --tile N (the tiny default tiles by itself) "
+                        "and the native protocol")
     if backbone.kind == "flux" and any(it.clip for it in items):
         raise UserError(f"{backbone.name} restores images; the video lists need a Wan backbone (--model wan2.1-t2v-1.3b)")
     files = prompt_files(items, args.prompt, backbone.name)
@@ -273,8 +282,8 @@ def main(argv=None):
                                 "scoring needs equal sizes (--protocol ypt resizes both)")
             prompts, bridge, auto = sets[files[it.key]]
             b, _ = at_input(bridge, auto, prompts[0].meta, x)
-            tile = 0 if ypt else args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
-            restored = restore(backbone, prompts, b, x, steps, args.seed, tile=tile, ypt=stream, samples=samples)
+            restored = restore(backbone, prompts, b, x, steps, args.seed, tile=tile, ypt=stream, samples=samples,
+                               spin=spin)
             if ypt:  # the release encodes the target too (for a latent loss): one more posterior draw
                 stream.skip(latent_shape(len(x) if it.clip else 0))
             frames = restored if it.clip else restored[None]
@@ -302,7 +311,7 @@ def main(argv=None):
     barrier(world)
     if world.main:
         md, obj = table(list(read_rows(out).values()), list(dict.fromkeys(it.dataset for it in items)),
-                        args.metrics, skipped, {**settings, "steps": steps, "samples": samples})
+                        args.metrics, skipped, {**settings, "steps": steps, "samples": samples, "spin": spin})
         atomic_write(out / "table.md", lambda tmp: tmp.write_text(md))
         atomic_write(out / "table.json", lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
         print(md, end="")

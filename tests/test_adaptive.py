@@ -48,7 +48,7 @@ def test_range_training_writes_a_T0_curve(range_prompt):
     assert curve["strength"] == sorted(curve["strength"]) and curve["strength"][0] < 0.04 < 0.15 < curve["strength"][-1]
     assert all(0.05 <= T0 <= 0.8 for T0 in curve["T0"])
     assert len(curve["grid"]) == 11 and np.array(curve["psnr"]).shape == (6, 11)
-    assert curve["sampler"] == {"steps": 1, "samples": 2}  # the sampler it was measured with
+    assert curve["sampler"] == {"steps": 1, "samples": 2, "spin": 4}  # the sampler it was measured with (spun: tiny)
 
 
 def noisy_photo(path, sigma, seed):

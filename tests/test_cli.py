@@ -110,6 +110,22 @@ def test_sampler_flags_out_of_range(tmp_path, capsys):
     fails(sample.main, [src, "--steps", "0"], capsys, "--steps must be at least 1")
     fails(sample.main, [src, "--steps", "-3"], capsys, "--steps must be at least 1")
     fails(sample.main, [src, "--t0", "0"], capsys, "--t0 must be in (0, 1]")
+    fails(sample.main, [src, "--spin", "-1"], capsys, "--spin must be 0 (off)")
+    fails(sample.main, [src, "--spin", "4", "--tile", "0", *FAST], capsys, "--spin shifts the tiles")
+    assert files(tmp_path) == ["a.png"]
+
+
+def test_spin_on_the_tiny_default(tmp_path):
+    """The tiny default spins by default: with several samples the output differs from --spin 0; with one sample
+    (restoration 0 is unshifted) it is the same file."""
+    src = _image(tmp_path / "a.png", size=(40, 36))
+    outs = {}
+    for name, extra in (("spun", []), ("plain", ["--spin", "0"]), ("one", ["--samples", "1"]),
+                        ("one-plain", ["--samples", "1", "--spin", "0"])):
+        assert sample.main([str(src), "--samples", "3", *FAST, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+        outs[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
+    assert np.abs(outs["spun"] - outs["plain"]).max() > 0
+    assert np.array_equal(outs["one"], outs["one-plain"])
 
 
 def test_a_backbone_folder_with_a_truncated_transformer(tmp_path, capsys):

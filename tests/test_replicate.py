@@ -327,3 +327,17 @@ def test_bridges_benchmark_picks_each_bridge_on_val(fake_photos, tmp_path):
     assert set(row["ebr_minus"]) == {"naive", "ddbm"} and (tmp_path / "grid-blur-gaussiansigma2.png").exists()
     with pytest.raises(bridges.UserError, match="ddbm"):
         bridges.main(argv[:-1])
+
+
+def test_spin_benchmark_scores_each_period_against_no_spin(fake_photos, tmp_path):
+    """spin.py: one row per test level, no spinning always scored, each period with its paired difference; a spin
+    of 0 against itself would be no comparison, so 0 is the reference column, not a duplicate."""
+    spin = load("spin")
+    assert spin.main(["--degradations", "jpeg", "--spins", "4,0", "--images", "2", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| degradation | level | no spin | spin 4 |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| jpeg |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 4 and "±" in cells[3] and "±" not in cells[2]
+    with pytest.raises(spin.UserError, match="--spins"):
+        spin.parse_args(["--spins", "-4"])

@@ -118,11 +118,13 @@ class FakeBackbone:
         return torch.zeros_like(x)
 
 
-@pytest.mark.parametrize("flags,sampler", [((None, None), (1, 20)), ((2, 1), (2, 1)), ((1, 3), (1, 3))])
+@pytest.mark.parametrize("flags,sampler", [((None, None, None), (1, 20, 4)), ((2, 1, None), (2, 1, 4)),
+                                           ((1, 3, 0), (1, 3, 0)), ((1, 3, 2), (1, 3, 2))])
 def test_train_calibrates_with_sample_pys_sampler(flags, sampler):
-    """train.py's calibrate_T0 measures the curve with sample.py's sampler for the backbone (1 x 20 on tiny) unless
-    --sample-steps / --samples say otherwise, records it, and averages `samples` restorations from successive
-    start noises (with one sample: the single start noise of the calibration before the sampler was recorded)."""
+    """train.py's calibrate_T0 measures the curve with sample.py's sampler for the backbone (1 x 20 spun on 4 px
+    on tiny) unless --sample-steps / --samples / --spin say otherwise, records it (spin only where it shifts
+    anything: several samples), and averages `samples` restorations from successive start noises (with one
+    sample: the single start noise of the calibration before the sampler was recorded)."""
     import argparse
     import sys
     from pathlib import Path
@@ -132,16 +134,17 @@ def test_train_calibrates_with_sample_pys_sampler(flags, sampler):
     from minirestore.bridge import Bridge
 
     backbone, clean = FakeBackbone(), smooth_images(2, 16)
-    args = argparse.Namespace(seed=0, sample_steps=flags[0], samples=flags[1])
+    args = argparse.Namespace(seed=0, sample_steps=flags[0], samples=flags[1], spin=flags[2])
     bridge = Bridge("ebr", 0.5, T0_range=(0.1, 0.9))
     out = calibrate_T0(backbone, None, bridge, [{"clean": c} for c in clean], "noise", args, lambda *a: None)
-    steps, samples = sampler
-    assert json.loads(out["T0_curve"])["sampler"] == {"steps": steps, "samples": samples}
+    steps, samples, spin = sampler
+    assert json.loads(out["T0_curve"])["sampler"] == {"steps": steps, "samples": samples,
+                                                      **({"spin": spin} if spin and samples > 1 else {})}
     assert backbone.calls == 6 * CALIBRATION_GRID * steps * samples
 
 
 def test_calibration_averages_successive_start_noises(monkeypatch):
-    """The mean of K restorations = the mean over the first K draws of the generator seeded seed + 7."""
+    """The mean of K restorations = the mean over the first K draws of the generator seeded seed + 7 (unspun)."""
     import argparse
     import sys
     from pathlib import Path
@@ -165,5 +168,5 @@ def test_calibration_averages_successive_start_noises(monkeypatch):
     monkeypatch.setattr(train, "calibrate", spy)
     train.calibrate_T0(FakeBackbone(), None, Bridge("ebr", 0.5, T0_range=(0.1, 0.9)),
                        [{"clean": c} for c in smooth_images(1, 16)], "noise",
-                       argparse.Namespace(seed=0, sample_steps=1, samples=3), lambda *a: None)
+                       argparse.Namespace(seed=0, sample_steps=1, samples=3, spin=0), lambda *a: None)
     assert torch.equal(seen["mean"], seen["by_hand"])

@@ -125,7 +125,7 @@ def test_shipped_noise_prompt_adapts_its_T0(tiny, test_photos):
         if sigma == 0.03:
             Y = tiny.encode(noisy)
             out = []
-            steps, samples = sampler_defaults("tiny")
+            steps, samples, _ = sampler_defaults("tiny")  # (unspun: the T0 choice is what is tested)
             for T0 in (float(np.mean(T0s)), float(bank.meta["T0"])):
                 g = torch.Generator().manual_seed(0)
                 x0 = sum(Bridge("ebr", T0).sample(lambda x, tau: tiny.velocity(x, tau, bank), Y, steps, generator=g)
