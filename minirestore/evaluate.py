@@ -224,8 +224,9 @@ def main(argv=None):
                 "frames": args.frames, "tile": args.tile, "dtype": str(dtype).split(".")[-1],
                 "metrics": args.metrics, "y": args.y}
     old = json.loads((out / "settings.json").read_text()) if (out / "settings.json").exists() else None
-    if old is not None and old != settings:  # a resume must score the rest as the rows it keeps were scored
-        diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
+    diff = ", ".join(f"{k} {old[k] if k in old else '(not recorded)'} -> {v}" for k, v in settings.items()
+                     if k not in old or old[k] != v) if old is not None else ""
+    if diff:  # a resume must score the rest as the rows it keeps were scored (by code that recorded every setting)
         raise UserError(f"{out} holds rows scored with other settings ({diff}): pass another --out, or the same flags")
     backbone = load_backbone(args.model, args.device, dtype)
     steps, samples, spin = sampler_defaults(backbone.name, args.steps, args.samples, ypt, args.spin)  # as sample.py does

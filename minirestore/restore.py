@@ -70,12 +70,12 @@ def spun(restore_one, x, samples, p):
     p = p if p > 1 else 0
     H, W = x.shape[-2:]
     padded = F.pad(x, (p, p, p, p), mode="replicate") if p else x
-    out = count = 0
+    out = count = None
     for k in range(samples):
         dy, dx = cycle_shift(k, p) if p else (0, 0)
         window = (slice(p + dy, p + dy + H), slice(p + dx, p + dx + W))  # x_k: the frame moved by (dy, dx)
         y = restore_one(padded[..., window[0], window[1]], k)
-        if isinstance(out, int):
+        if out is None:
             out = y.new_zeros(*y.shape[:-2], H + 2 * p, W + 2 * p)
             count = y.new_zeros(H + 2 * p, W + 2 * p)
         out[..., window[0], window[1]] += y  # shifted back into place
@@ -126,8 +126,8 @@ def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch
     for b0 in range(0, len(boxes), batch):  # tiles in batches: bounded memory on any image size
         chunk = boxes[b0:b0 + batch]
         tiles = torch.cat([x[..., i:i + th, j:j + tw] for i, j in chunk])
-        restored = spun(lambda t, k: backbone.decode(bridge.sample(velocity, backbone.encode(t), steps, generator=g)).float(),
-                        tiles, samples, spin).cpu()
+        one = lambda t, k: backbone.decode(bridge.sample(velocity, backbone.encode(t), steps, generator=g)).float()  # noqa: E731
+        restored = spun(one, tiles, samples, spin).cpu()
         for (i, j), r in zip(chunk, restored):
             out[:, i:i + th, j:j + tw] += w * r
             weight[:, i:i + th, j:j + tw] += w

@@ -82,9 +82,10 @@ def calibrate(restore, clean, degradation, grid, steps, samples, seed=0, progres
     restore(degraded [N, 3, H, W], T0, steps, samples) -> restored [N, 3, H, W]: the prompt's sampler (the mean
     of `samples` restorations of `steps` steps, fixed start noises); clean: [N, 3, H, W] validation images;
     grid: the T0 values tried; degraded: given for paired data (one rung, the pairs as they are; degradation
-    is then ignored); spin: the cycle-spinning period restore uses (recorded). Returns a dict for the prompt file: T0 (the calibrated default, best mean PSNR over all
-    rungs) and, where the degradation has an estimator, T0_curve (JSON: degradation, strength, T0, the
-    sampler it was measured with, and the PSNR table it was read from)."""
+    is then ignored); spin: the cycle-spinning period restore uses (recorded). Returns a dict for the prompt
+    file: T0 (the calibrated default, best mean PSNR over all rungs) and, where the degradation has an
+    estimator, T0_curve (JSON: degradation, strength, T0, the sampler it was measured with, and the PSNR
+    table it was read from)."""
     estimate = ESTIMATORS.get(degradation) if degraded is None else None
     ladder = LADDERS.get(degradation, [{}]) if estimate else [{}]  # {}: the degradation's training strengths
     strengths, best, table = [], [], []
@@ -105,6 +106,7 @@ def calibrate(restore, clean, degradation, grid, steps, samples, seed=0, progres
         order = np.argsort(strengths)
         out["T0_curve"] = json.dumps({"degradation": degradation, "strength": [round(strengths[i], 5) for i in order],
                                       "T0": [round(best[i], 4) for i in order], "grid": [round(g, 4) for g in grid],
-                                      "sampler": {"steps": steps, "samples": samples, **({"spin": spin} if spin and samples > 1 else {})},
+                                      "sampler": {"steps": steps, "samples": samples,
+                                                  **({"spin": spin} if spin and samples > 1 else {})},
                                       "levels": [ladder[i] for i in order], "psnr": [table[i] for i in order]})
     return out

@@ -75,6 +75,10 @@ def test_paired_folder_scores_the_saved_outputs_and_resumes(backbone_dir, images
     assert len(again) == 3 and again[2] == r[2]  # the same seed: the same restoration, the same scores
     with pytest.raises(UserError, match="other settings.*steps 2 -> 3"):
         evaluate([str(pairs), *args[:-4], "--steps", "3", "--metrics", "psnr,ssim"])
+    recorded = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps({k: v for k, v in recorded.items() if k != "spin"}))
+    with pytest.raises(UserError, match=r"spin \(not recorded\) -> None"):  # a folder from before --spin existed
+        evaluate([str(pairs), *args])
     with pytest.raises(UserError, match="--spin shifts the tiles"):  # no tiles on this backbone: nothing to shift
         evaluate([str(pairs), *args, "--spin", "4", "--out", str(tmp_path / "spun")])
     with pytest.raises(UserError, match="--spin must be 0"):
