@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from minirestore import UserError, protocol
-from minirestore.cli import Help, run, writable_folder
+from minirestore.cli import Help, run, spin_period, writable_folder
 from minirestore.backbone import add_memory_flags, is_wan, load_backbone
 from minirestore.data import (ANIMATED_FORMATS, IMAGE_EXTS, frame_count, image_format, list_images, load_frames,
                               load_image, save_frames, save_image)
 from minirestore.distributed import barrier, close, init
 from minirestore.restore import (TINY_TILE, at_input, blend_weight, bridge_for, default_prompt, load_prompts,  # noqa: F401
-                                 restore, sampler_defaults, spun, tile_starts)  # (benchmarks and tests import restore's names from here)
+                                 restore, sampler_defaults, spun, tile_for, tile_starts)  # (benchmarks and tests import restore's names from here)
 from minirestore.long_video import restore_stream
 from minirestore.video import VIDEO_SUFFIXES, FrameWriter, iter_frames, probe, read_video, write_video
 
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, help="average this many restorations from different start noises "
                    "(the posterior mean: higher PSNR, slightly smoother, samples x the time; default: 20 for tiny, "
                    "1 otherwise and with --protocol ypt)")
-    p.add_argument("--spin", type=int, help="cycle spinning, with --tile: restoration k sees each tile shifted to "
+    p.add_argument("--spin", type=spin_period, help="cycle spinning, with --tile: restoration k sees each tile shifted to "
                    "another of the SPIN x SPIN phases of the token grid, so its seams average out (0: off; "
                    "default: 4 for tiny, its token size in pixels, 0 otherwise and with --protocol ypt)")
     p.add_argument("--out", help="with one input and a name ending like an image (.png, .jpg, ...; for a clip "
@@ -93,8 +93,6 @@ def parse_args(argv=None):
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
-    if args.spin is not None and args.spin < 0:
-        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     if args.window < 9 or args.window % 4 != 1:
         raise UserError(f"--window must be 4k+1 frames with k >= 2 (e.g. 33, 81), got {args.window}")
     if args.window_overlap % 4 or not 4 <= args.window_overlap < args.window - 1:
@@ -199,10 +197,7 @@ def main(argv=None):
     prompt_files = args.prompt or [default_prompt(backbone.name, args.degradation)]
     prompts = load_prompts(backbone, prompt_files)
     t0 = 0.4 if ypt and args.t0 is None else args.t0  # the release samples every prompt from T0 0.4
-    tile = 0 if ypt else args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
-    if args.spin and not tile:
-        raise UserError("--spin shifts the tiles between samples: it needs --tile N (the tiny default tiles by "
-                        "itself) and the native protocol, not --protocol ypt")
+    tile = tile_for(backbone.name, args.tile, ypt, args.spin)
     bridge, auto = bridge_for(prompts, t0, prompt_files[0])
 
     from tqdm.auto import tqdm

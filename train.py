@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from minirestore import UserError
-from minirestore.cli import Help, run, writable_folder
+from minirestore.cli import Help, run, spin_period, writable_folder
 from minirestore.backbone import add_memory_flags, load_backbone
 from minirestore.bridge import KINDS, Bridge
 from minirestore.data import (CleanFolder, CleanPhotos, ClipFolder, PairedFolder, is_clip_folder, parse_resolution,
@@ -85,7 +85,7 @@ def parse_args(argv=None):
                    "(default: sample.py's for the backbone, 1 for tiny, 20 otherwise)")
     p.add_argument("--samples", type=int, help="--t0 LOW:HIGH: restorations averaged per image when measuring the "
                    "T0 curve (default: sample.py's for the backbone, 20 for tiny, 1 otherwise)")
-    p.add_argument("--spin", type=int, help="--t0 LOW:HIGH: cycle-spinning period in pixels when measuring the T0 "
+    p.add_argument("--spin", type=spin_period, help="--t0 LOW:HIGH: cycle-spinning period in pixels when measuring the T0 "
                    "curve (sample.py --spin; default: sample.py's for the backbone, 4 for tiny, 0 otherwise)")
     p.add_argument("--recalibrate", metavar="FILE", help="do not train: measure the T0 curve of FILE, a prompt "
                    "trained over a T0 range, again with the sampler above on the validation images its training "
@@ -102,8 +102,6 @@ def parse_args(argv=None):
     for flag in ("steps", "batch_size", "val_count", "val_steps", "frames", "sample_steps", "samples"):  # None: the backbone's default
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.spin is not None and args.spin < 0:
-        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     for flag in ("lr", "t_min", "pow", "ddbm_sigma"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:  # `not >` also refuses nan
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")

@@ -39,7 +39,7 @@ from sample import sampler_defaults  # noqa: E402
 from minirestore import UserError  # noqa: E402
 from minirestore.backbone import load_backbone  # noqa: E402
 from minirestore.bridge import KINDS  # noqa: E402
-from minirestore.cli import Help, run  # noqa: E402
+from minirestore.cli import Help, run, spin_period  # noqa: E402
 from minirestore.metrics import psnr  # noqa: E402
 from minirestore.photos import PhotoCrops  # noqa: E402
 from minirestore.prompts import load_prompt  # noqa: E402
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("prompts", nargs="+", help="candidate prompt files (fixed T0; any bridge, any degradation)")
     p.add_argument("--degradations", default="noise,blur,lowlight,haze", help=f"comma-separated, from {', '.join(LEVELS)}")
     p.add_argument("--samplers", default="1x20,5x4,20x1", help="STEPSxSAMPLES entries every candidate is tried with")
-    p.add_argument("--spin", type=int, help="cycle-spinning period of every sampler (sample.py --spin; default: "
+    p.add_argument("--spin", type=spin_period, help="cycle-spinning period of every sampler (sample.py --spin; default: "
                    "sample.py's for the backbone; it shifts samples 2..K, so a 1-sample sampler is unchanged)")
     p.add_argument("--val-images", type=int, default=24, help="val-photo crops (64 px) that pick each bridge's candidate")
     p.add_argument("--sizes", default="128", help="test crop sides in pixels")
@@ -58,8 +58,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "photos" / "bridges"), help="results and grids")
     p.add_argument("--device", default="cpu", help="torch device")
     args = p.parse_args(argv)
-    if args.spin is not None and args.spin < 0:
-        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     args.degradations = args.degradations.split(",")
     for d in args.degradations:
         if d not in LEVELS:

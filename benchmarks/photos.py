@@ -54,7 +54,7 @@ from replicate import interval, prompt_bridge, restore_set, save_grid  # noqa: E
 from minirestore import UserError  # noqa: E402
 from minirestore.backbone import load_backbone  # noqa: E402
 from minirestore.bridge import Bridge  # noqa: E402
-from minirestore.cli import Help, run  # noqa: E402
+from minirestore.cli import Help, run, spin_period  # noqa: E402
 from minirestore.data import CleanPhotos  # noqa: E402
 from minirestore.degrade import DEGRADATIONS  # noqa: E402
 from minirestore.distributed import World  # noqa: E402
@@ -93,13 +93,11 @@ def parse_args(argv=None):
                    help="train and score a DnCNN for this many seconds per degradation (0: not run); cached in --out")
     p.add_argument("--steps", type=int, help="sampler steps of every learned row (default: sample.py's)")
     p.add_argument("--samples", type=int, help="restorations averaged per image (default: sample.py's)")
-    p.add_argument("--spin", type=int, help="cycle-spinning period of every learned row (sample.py --spin; "
+    p.add_argument("--spin", type=spin_period, help="cycle-spinning period of every learned row (sample.py --spin; "
                    "default: sample.py's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "photos"), help="results and grids")
     p.add_argument("--device", default="cpu", help="torch device")
     args = p.parse_args(argv)
-    if args.spin is not None and args.spin < 0:
-        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     args.degradations = [d.strip() for d in args.degradations.split(",") if d.strip()]
     for d in args.degradations:
         if d not in LEVELS:

@@ -17,6 +17,15 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+
+def spin_period(text):
+    """--spin's type (sample.py, evaluate, train.py, the benchmarks): a whole number of pixels, 0 meaning off;
+    a negative one is a one-line UserError (argparse lets it through to `run`)."""
+    value = int(text)
+    if value < 0:
+        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {value}")
+    return value
+
 def run(main):
     """sys.exit(main()), with a UserError printed as one line (naming the rank under torchrun), exit code 2."""
     try:

@@ -31,7 +31,7 @@ import torch
 from . import UserError
 from .cli import Help, run
 from .data import frame_count, load_image, to_pil
-from .restore import TINY_TILE, at_input, bridge_for, load_prompts, restore, sampler_defaults, tile_starts
+from .restore import at_input, bridge_for, load_prompts, restore, sampler_defaults, tile_for, tile_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = Path(__file__).with_name("demo.html")
@@ -79,7 +79,7 @@ class Restorer:
         self.prepared = {}  # degradation set -> (prompts, bridge, auto)
         self.max_size, self.max_bytes, self.seed = max_size, max_bytes, seed
         self.jobs, self.lock, self.run_lock = {}, threading.Lock(), threading.Lock()
-        self.tile = TINY_TILE if self.backbone.name == "tiny" else 0
+        self.tile = tile_for(self.backbone.name)  # as sample.py tiles
 
     def info(self):
         from .prompts import load_prompt

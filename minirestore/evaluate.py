@@ -27,12 +27,12 @@ import torch
 
 from . import UserError, perceptual, protocol
 from .backbone import load_backbone
-from .cli import Help, run
+from .cli import Help, run, spin_period
 from .data import load_image, save_image
 from .distributed import barrier, close, init
 from .files import atomic_write
 from .metrics import psnr, ssim, to_y
-from .restore import TINY_TILE, at_input, bridge_for, default_prompt, load_prompts, restore, sampler_defaults
+from .restore import at_input, bridge_for, default_prompt, load_prompts, restore, sampler_defaults, tile_for
 from .testsets import canonical, collect
 
 BUILT_IN = ("psnr", "ssim")
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="sampler steps (default: sample.py's, 20 with --protocol ypt)")
     p.add_argument("--samples", type=int, help="restorations averaged per input (default: sample.py's, 1 with "
                    "--protocol ypt)")
-    p.add_argument("--spin", type=int, help="native protocol, tiles: cycle spinning period in pixels (sample.py "
+    p.add_argument("--spin", type=spin_period, help="native protocol, tiles: cycle spinning period in pixels (sample.py "
                    "--spin; default: sample.py's, 0 with --protocol ypt)")
     p.add_argument("--frames", type=int, default=protocol.FRAMES, help="clips: score the first this many frames")
     p.add_argument("--tile", type=int, help="native protocol: tile size (default: 64 for tiny, off otherwise)")
@@ -77,8 +77,6 @@ def parse_args(argv=None):
         raise UserError(f"unknown metric {unknown[0]!r}: choose from {', '.join(BUILT_IN + perceptual.NAMES)}")
     if min(args.steps or 1, args.samples or 1, args.frames) < 1:
         raise UserError("--steps, --samples and --frames must be at least 1")
-    if args.spin is not None and args.spin < 0:
-        raise UserError(f"--spin must be 0 (off) or a shift period in pixels, got {args.spin}")
     if args.t0 is not None and not 0 < args.t0 <= 1:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
     return args
@@ -230,10 +228,7 @@ def main(argv=None):
         raise UserError(f"{out} holds rows scored with other settings ({diff}): pass another --out, or the same flags")
     backbone = load_backbone(args.model, args.device, dtype)
     steps, samples, spin = sampler_defaults(backbone.name, args.steps, args.samples, ypt, args.spin)  # as sample.py does
-    tile = 0 if ypt else args.tile if args.tile is not None else (TINY_TILE if backbone.name == "tiny" else 0)
-    if args.spin and not tile:
-        raise UserError("--spin shifts the tiles between samples: it needs --tile N (the tiny default tiles by itself) "
-                        "and the native protocol")
+    tile = tile_for(backbone.name, args.tile, ypt, args.spin)
     if backbone.kind == "flux" and any(it.clip for it in items):
         raise UserError(f"{backbone.name} restores images; the video lists need a Wan backbone (--model wan2.1-t2v-1.3b)")
     files = prompt_files(items, args.prompt, backbone.name)

@@ -31,6 +31,17 @@ def sampler_defaults(model, steps=None, samples=None, ypt=False, spin=None):
     return steps or default[0], samples or default[1], default[2] if spin is None else spin
 
 
+
+def tile_for(model, tile=None, ypt=False, spin=None):
+    """The tile size restore() gets: the given one, else TINY_TILE on the tiny default (its pre-training size) and
+    none on the others; none under --protocol ypt. spin: the --spin the user gave; it shifts tiles, so asking for
+    it where there are none is refused in one line."""
+    size = 0 if ypt else tile if tile is not None else (TINY_TILE if model == "tiny" else 0)
+    if spin and not size:
+        raise UserError("--spin shifts the tiles between samples: it needs --tile N (the tiny default tiles by "
+                        "itself) and the native protocol, not --protocol ypt")
+    return size
+
 def default_prompt(model, degradation):
     """Your own trained prompt if there is one, else the one shipped for the model."""
     user = Path("weights") / f"{model}-{degradation}.safetensors"
@@ -123,10 +134,10 @@ def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch
     boxes = [(i, j) for i in tile_starts(Hp, th, overlap) for j in tile_starts(Wp, tw, overlap)]
     out, weight = torch.zeros(3, Hp, Wp), torch.zeros(1, Hp, Wp)
     w = blend_weight(th, tw, overlap)
+    one = lambda t, k: backbone.decode(bridge.sample(velocity, backbone.encode(t), steps, generator=g)).float()  # noqa: E731
     for b0 in range(0, len(boxes), batch):  # tiles in batches: bounded memory on any image size
         chunk = boxes[b0:b0 + batch]
         tiles = torch.cat([x[..., i:i + th, j:j + tw] for i, j in chunk])
-        one = lambda t, k: backbone.decode(bridge.sample(velocity, backbone.encode(t), steps, generator=g)).float()  # noqa: E731
         restored = spun(one, tiles, samples, spin).cpu()
         for (i, j), r in zip(chunk, restored):
             out[:, i:i + th, j:j + tw] += w * r
