@@ -10,7 +10,7 @@ Rows (bf16, median of do_bench after warm-up, random data):
   prompted      Wan cross-attention Lq 32760 against Lk = Lk_p = 512 and 226, vs two SDPA calls plus the add
                 (default backend and cuDNN); forward+backward with the base context constant, as in Wan
   prologue      FLUX stream B1 L4608 H24 D128 with a 512-row prompt residual, vs the eager PyTorch sequence
-                (kernels/reference.py) and a device-to-device copy of the same bytes (the bandwidth ceiling)
+                (minirestore/kernels/reference.py) and a device-to-device copy of the same bytes (the bandwidth ceiling)
   kv prologue   Wan 1.3B prompted cross-attention keys/values B1 L226 dim 1536 H12 (full-width RMSNorm of
                 k_raw + W_k P, v_raw + W_v P), vs the eager PyTorch sequence and a device copy of the same bytes
 FLOPs: attention forward 4 B H Lq Lk D, backward 2.5x forward (kernels.md). Prologue bytes: qkv and the
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from minirestore import kernels  # noqa: E402
+from minirestore.kernels import reference  # noqa: E402
 
 GPU_SHAPES = dict(
     attention=[("FLUX joint", 1, 24, 4608, 4608, 128), ("Wan self", 1, 12, 32760, 32760, 128)],
@@ -209,7 +209,7 @@ def table(rows):
 def tuned_choices():
     """The config each autotuned kernel settled on, per autotune key (GPU only): whether the sm_90 TMA and
     warp-specialised configs won against the pointer-load ones at these shapes."""
-    from kernels import flash, prompted
+    from minirestore.kernels import flash, prompted
     kernels = (flash._fwd_tuned, flash._bwd_dkdv_tuned, flash._bwd_dq_tuned, prompted._prompted_fwd_tuned,
                prompted._prompted_bwd_dq_tuned)
     lines = ["| kernel | autotune key | chosen config |", "|---|---|---|"]

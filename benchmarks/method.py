@@ -35,7 +35,7 @@ import time
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)  # before benchmarks/, so `import kernels` is the package, not benchmarks/kernels.py
+sys.path.insert(0, ROOT)
 
 from minirestore import UserError  # noqa: E402
 from minirestore.cli import Help, run  # noqa: E402

@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # before benchmarks/, so `import kernels` is the package, not benchmarks/kernels.py
+sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "benchmarks"))
 
 import classical  # noqa: E402

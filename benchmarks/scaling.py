@@ -35,7 +35,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # before benchmarks/, so `import kernels` is the package, not benchmarks/kernels.py
+sys.path.insert(0, str(ROOT))
 
 from minirestore import UserError  # noqa: E402
 from minirestore.cli import Help, run  # noqa: E402

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-
+from . import kernels
 from .tiling import Tiles, tiled
 
 

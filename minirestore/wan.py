@@ -21,9 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import kernels
-
-from . import UserError
+from . import UserError, kernels
 
 # Small parameters the reference keeps in fp32 (it runs them under fp32 autocast).
 FP32_PARAMS = re.compile(r"(time_embedding|time_projection|head)\..*|.*(modulation|norm3|norm_q|norm_k).*")

@@ -1,7 +1,7 @@
 """Shared test set-up.
 
 Triton decides at decoration time whether a kernel runs in its interpreter, so TRITON_INTERPRET must
-be set before `kernels` is imported: without a GPU, every Triton kernel in the tests is interpreted.
+be set before `minirestore.kernels` is imported: without a GPU, every Triton kernel in the tests is interpreted.
 """
 import json
 import os

@@ -72,7 +72,7 @@ def test_autotuner_prunes_to_the_chosen_configs():
     sm_90 GPU (TMA ones only for inputs that suit TMA), and its key holds TMA_OK."""
     code = """
 import torch
-from kernels import flash, prompted, tuning
+from minirestore.kernels import flash, prompted, tuning
 torch.cuda.get_device_capability = lambda device=None: (9, 0)
 tuning.shared_limit = lambda device=None: 232448
 for kernel in (flash._fwd_tuned, flash._bwd_dkdv_tuned, flash._bwd_dq_tuned, prompted._prompted_fwd_tuned,

@@ -1,4 +1,4 @@
-"""The Triton kernels against the PyTorch reference (kernels/reference.py), forward and backward.
+"""The Triton kernels against the PyTorch reference (minirestore/kernels/reference.py), forward and backward.
 
 Without a GPU the kernels run in the Triton interpreter (conftest.py sets TRITON_INTERPRET=1), so
 shapes are small. Lengths are ragged on purpose (not multiples of any tile); outputs are poisoned
@@ -9,8 +9,8 @@ cannot do bf16 dots (triton issue 11584): bf16 runs only on a GPU.
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from minirestore import kernels
+from minirestore.kernels import reference
 from minirestore import UserError
 
 pytest.importorskip("triton")
@@ -105,7 +105,7 @@ def test_attention_strided_inputs():
 
 def most_configs():
     """The longest config list of any attention kernel (sm_90 has the most: its TMA and warp-specialised ones)."""
-    from kernels import tuning
+    from minirestore.kernels import tuning
     return max(len(configs) for gens in tuning.CONFIGS.values() for configs in gens.values())
 
 
@@ -116,7 +116,7 @@ def test_every_config_on_gpu(monkeypatch, config, dtype):
     """Each config the autotuner may choose (MINIRESTORE_KERNELS_CONFIG forces the i-th, modulo a kernel's
     number), every attention kernel, ragged shapes: attention fwd+bwd and the prompted attention with Wan's
     226 context rows. The inputs suit TMA, so on sm_90 the TMA and warp-specialised configs run too."""
-    from kernels import tuning
+    from minirestore.kernels import tuning
     monkeypatch.setenv("MINIRESTORE_KERNELS_CONFIG", str(config))
     torch.manual_seed(config)
     xs = leaves(dtype, (1, 3, 1000, 128), (1, 3, 777, 128), (1, 3, 777, 128))
@@ -152,7 +152,7 @@ def test_tma_paths_in_the_interpreter(monkeypatch, warp_specialised):
     """The sm_90 configs' tensor-descriptor (TMA) loads, and the warp-specialised forward's one masked loop, run
     by the interpreter on ragged shapes, forward and backward, plain and prompted; inputs a descriptor cannot
     read (a 72-byte row: fp16 D=36) take the pointer loads instead."""
-    from kernels import tuning
+    from minirestore.kernels import tuning
     monkeypatch.setattr(tuning, "INTERPRET_TILE", tuning.Tile(32, 64, 4, 1, tma=True, ws=warp_specialised))
     used = []
     real = tuning.constexprs_of
@@ -194,7 +194,7 @@ def test_prompted_attention(dtype, B, H, Lq, Lk, Lk_p, D, alpha):
 
 def test_prompted_attention_skips_gradients_nobody_needs(monkeypatch):
     """Wan's base context is constant: no dK, dV kernel runs for it, and the other gradients still match."""
-    from kernels import prompted
+    from minirestore.kernels import prompted
     calls = []
     real = prompted.backward_dkdv
     monkeypatch.setattr(prompted, "backward_dkdv", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
@@ -214,7 +214,7 @@ def test_prompted_attention_skips_gradients_nobody_needs(monkeypatch):
 def test_attention_splits_the_queries_of_short_key_sets():
     """The dK/dV kernel splits the queries over programs when there are few key tiles (checked here:
     the ragged shapes of test_attention with Lk 1 and 226 take that path)."""
-    from kernels import flash
+    from minirestore.kernels import flash
     cpu = torch.device("cpu")
     assert flash.query_chunks(257, 1, 2, cpu) == (3, 128)  # chunks of 128 rows, the last one ragged
     assert flash.query_chunks(130, 226, 2, cpu) == (2, 128)
@@ -336,7 +336,7 @@ def record(monkeypatch, module, name):
 
 
 def test_dispatch_falls_back_for_unsupported_dtypes_and_head_dims(monkeypatch):
-    from kernels import flash
+    from minirestore.kernels import flash
     ours, ref = record(monkeypatch, flash, "attention"), record(monkeypatch, reference, "attention")
     q = torch.randn(1, 1, 8, 16, device=DEVICE, dtype=torch.float64)
     kernels.attention(q, q, q)  # fp64 (forced triton, fixture): the kernels do not compute it

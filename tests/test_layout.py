@@ -3,40 +3,39 @@ too), the loaders stand on loading.py, and minirestore.hub still offers every pu
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("minirestore", "kernels")
+PACKAGE = "minirestore"
 
 
-def _imports(path, package):
+def _file(module):
+    """The file of one of our modules by dotted name (a package is its __init__.py), else None."""
+    path = ROOT / module.replace(".", "/")
+    return next((f for f in (path.with_suffix(".py"), path / "__init__.py") if f.exists()), None)
+
+
+def _imports(path, module):
     """The package modules a file imports, anywhere in it (`from . import X` counts as importing X)."""
-    modules = {p.stem for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            base = package if node.level else (node.module or "").split(".")[0]
-            if node.level and node.module:
-                parts = [package, *node.module.split(".")]
-            elif not node.level and node.module and node.module.split(".")[0] in PACKAGES:
-                parts = node.module.split(".")
-            elif node.level:
-                parts = [package]
-            else:
-                continue
-            if len(parts) >= 2:
-                found.add(f"{parts[0]}.{parts[1]}")
-            else:  # from . import name, or from package import name: the names that are modules
-                found |= {f"{base}.{a.name}" for a in node.names if a.name in modules}
+            base = node.module or ""
+            if node.level:  # from . import X (level 1: this package), from .. import X (its parent), ...
+                parents = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parents + ([node.module] if node.module else []))
+            found |= {f"{base}.{a.name}" if _file(f"{base}.{a.name}") else base for a in node.names}
         elif isinstance(node, ast.Import):
-            for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] in PACKAGES and len(parts) >= 2:
-                    found.add(f"{parts[0]}.{parts[1]}")
-    return {m for m in found if (ROOT / m.replace(".", "/")).with_suffix(".py").exists()}
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.split(".")[0] == PACKAGE and _file(m)}
 
 
 def graph():
-    return {f"{pkg}.{p.stem}": _imports(p, pkg) - {f"{pkg}.{p.stem}"}
-            for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py")) if p.stem != "__init__"}
+    """module -> the package modules it imports, over every file of the package and its subpackages."""
+    files = sorted((ROOT / PACKAGE).rglob("*.py"))
+    names = {f: ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for f in files}
+    return {m: _imports(f, m) - {m} for f, m in names.items()}
 
 
 def test_no_import_circle():
@@ -74,3 +73,13 @@ def test_hub_offers_the_public_loaders():
     for name in ("load_flux", "load_autoencoder", "load_t5", "load_clip", "load_wan", "load_wan_vae",
                  "load_t5_tokenizer", "load_clip_tokenizer", "Checkpoint", "load_model", "resolve"):
         assert callable(getattr(hub, name)), name
+
+
+def test_one_top_level_name():
+    """Everything installs under `minirestore`: a second top-level package would collide with other projects'
+    (a top-level `kernels` shadowed Hugging Face's `kernels`, which transformers >= 5.25 imports)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert {p.split(".")[0] for p in packages} == {PACKAGE}, packages
+    assert set(packages) == {".".join(f.parent.relative_to(ROOT).parts)
+                                     for f in (ROOT / PACKAGE).rglob("__init__.py")}, packages  # none left out

@@ -8,7 +8,7 @@
                                                          projections -> k_p, v_p (full-width RMSNorm on k)
 
 CUDA tensors run the Triton kernels; everything else runs the PyTorch reference in
-`kernels/reference.py`, which is the specification. MINIRESTORE_KERNELS=torch forces the reference
+`reference.py` beside this file, which is the specification. MINIRESTORE_KERNELS=torch forces the reference
 everywhere; MINIRESTORE_KERNELS=triton forces the Triton kernels (on the CPU that is the Triton
 interpreter, TRITON_INTERPRET=1, which the tests use). The variable is read at every call.
 
@@ -24,8 +24,7 @@ import warnings
 
 import torch
 
-from minirestore import UserError
-
+from .. import UserError
 from . import reference
 
 _triton = None  # (flash, prompted, prologue) once imported, or the ImportError that stopped it
