@@ -8,8 +8,9 @@
 The degraded image is encoded to Y, noised to level T0, X = (1 - T0) Y + T0 eps, and walked back
 to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampler, 20 steps by
 default; on the tiny default the mean of 20 one-step samples, the same cost, each on its tiles shifted to
-another phase of the 4-pixel token grid, --spin). A prompt trained over a T0 range (train.py --t0 0.05:0.8)
-picks T0 per input (--t0 auto, its default): the degradation's strength is estimated from the input and mapped through the prompt's measured
+another phase of the 4-pixel token grid, --spin). A prompt with a measured T0 curve (trained over a T0 range,
+train.py --t0 0.05:0.8, or a noise prompt trained at one T0 on the tiny default, train.py --curve) picks T0 per
+input (--t0 auto, its default): the degradation's strength is estimated from the input and mapped through the
 curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
 step. Outputs keep the input's size and mode (data.py's table: CMYK stays CMYK, a palette becomes RGB)
 and never overwrite an input; each is written atomically (a temporary file, then a rename). With a Wan
@@ -58,8 +59,9 @@ def parse_args(argv=None):
                    "weights/<model>-<degradation>.safetensors, else the shipped weights/<model>/prompts/<degradation>.safetensors)")
     p.add_argument("--degradation", default="noise", help="which default prompt to use when --prompt is not given")
     p.add_argument("--t0", type=t0_arg, help="start level T0 in (0, 1], or auto: chosen per input from its estimated "
-                   "degradation strength, on the curve stored in a prompt trained over a T0 range (default: auto for "
-                   "such prompts, else the prompt's own T0)")
+                   "degradation strength, on the T0 curve stored in the prompt (train.py measures one for a range "
+                   "prompt, and with --curve for one trained at one T0; default: auto for a prompt with a curve, "
+                   "else the prompt's own T0)")
     p.add_argument("--steps", type=int, help="sampler steps, network evaluations per prompt and sample "
                    "(default: 1 for tiny, 20 otherwise and with --protocol ypt)")
     p.add_argument("--samples", type=int, help="average this many restorations from different start noises "

@@ -12,6 +12,8 @@ Only the prompt P [1, K, D] and the per-block gates alpha train. Each step:
 --t0 LOW:HIGH trains one prompt over many horizons (T0 ~ U(LOW, HIGH) per sample, bridge.py) and then
 measures on the validation images which T0 each strength wants: the curve sample.py --t0 auto follows,
 measured with sample.py's sampler for the backbone (--sample-steps x --samples; 20 one-step samples on the tiny default).
+A prompt trained at one T0 gets such a curve too with --curve (the default on the tiny default, for noise, the
+degradation with a strength estimator): the same measurement over T0 in [0.05, 0.95]; its own T0 stays its default.
 `python train.py --recalibrate FILE` measures that curve again for an existing prompt file (no training):
 the same validation images, the file rewritten atomically with only its curve and default T0 changed.
 Every --val-every steps the held-out images are restored with the bridge sampler and scored
@@ -38,10 +40,10 @@ from minirestore.files import atomic_write
 from minirestore.metrics import psnr, ssim
 from minirestore.prompts import load_prompt, save_prompt, update_prompt_meta
 from minirestore.restore import sampler_defaults, spun
-from minirestore.strength import calibrate
+from minirestore.strength import ESTIMATORS, calibrate
 
 DEFAULTS = {  # per backbone: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
-    "tiny": dict(resolution=64, steps=600, lr=1e-2, batch_size=8, val_every=200, val_count=8),  # ~10 min, 2 CPU cores
+    "tiny": dict(resolution=64, steps=600, lr=1e-2, batch_size=8, val_every=200, val_count=8, curve=True),  # ~10 min, 2 CPU cores
     "flux": dict(resolution=512, steps=3000, lr=2e-3),
     "wan": dict(resolution=(480, 832), steps=3000, lr=2e-3),  # clips of --frames 33, as in the paper
 }
@@ -81,16 +83,22 @@ def parse_args(argv=None):
     p.add_argument("--val-every", type=int, help="validate and preview every N steps (0: only at the end; default 250)")
     p.add_argument("--val-count", type=int, help="held-out images for validation (default 4, 8 for tiny)")
     p.add_argument("--val-steps", type=int, default=20, help="sampler steps when validating")
-    p.add_argument("--sample-steps", type=int, help="--t0 LOW:HIGH: sampler steps the T0 curve is measured with "
+    p.add_argument("--curve", action=argparse.BooleanOptionalAction, help="after training at one T0, also measure the "
+                   "prompt's T0 curve (as for --t0 LOW:HIGH, over T0 in [0.05, 0.95]) so that sample.py chooses T0 per "
+                   "input; only for degradations with a strength estimator (noise); a range prompt always gets one. Default: "
+                   "on for tiny (about 100 s on 2 CPU cores), off for FLUX and Wan (it restores the validation images "
+                   "66 times)")
+    p.add_argument("--sample-steps", type=int, help="the T0 curve: sampler steps it is measured with "
                    "(default: sample.py's for the backbone, 1 for tiny, 20 otherwise)")
-    p.add_argument("--samples", type=int, help="--t0 LOW:HIGH: restorations averaged per image when measuring the "
+    p.add_argument("--samples", type=int, help="the T0 curve: restorations averaged per image when measuring the "
                    "T0 curve (default: sample.py's for the backbone, 20 for tiny, 1 otherwise)")
-    p.add_argument("--spin", type=spin_period, help="--t0 LOW:HIGH: cycle-spinning period in pixels when measuring the T0 "
+    p.add_argument("--spin", type=spin_period, help="the T0 curve: cycle-spinning period in pixels when measuring the T0 "
                    "curve (sample.py --spin; default: sample.py's for the backbone, 4 for tiny, 0 otherwise)")
-    p.add_argument("--recalibrate", metavar="FILE", help="do not train: measure the T0 curve of FILE, a prompt "
-                   "trained over a T0 range, again with the sampler above on the validation images its training "
-                   "used (the file's degradation, resolution and seed; --data, --val-count as when training) and "
-                   "rewrite FILE (or --out) with the new curve and default T0, every other entry unchanged")
+    p.add_argument("--recalibrate", metavar="FILE", help="do not train: measure the T0 curve of FILE (a prompt "
+                   "trained over a T0 range, or a noise prompt trained at one T0) again with the sampler above on the "
+                   "validation images its training used (the file's degradation, resolution and seed; --data, "
+                   "--val-count as when training) and rewrite FILE (or --out) with the new curve (and a range "
+                   "prompt's new default T0), every other entry unchanged")
     p.add_argument("--grad-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="recompute each block in the backward pass (auto: on for CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -176,16 +184,17 @@ def validate(backbone, bank, bridge, val_set, steps, seed, world):
 
 
 CALIBRATION_GRID = 11  # T0 values tried across a trained range (linspace(low, high, 11))
+CURVE_RANGE = (0.05, 0.95)  # the range they span for a prompt trained at one T0 (--curve)
 
 
 @torch.no_grad()
 def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
-    """The T0 curve of a prompt trained over bridge.T0_range (strength.py): the validation images degraded
-    at a ladder of strengths (paired data: as they are) and restored from every T0 of a grid with sample.py's
-    sampler for this backbone, the mean of `samples` restorations of `steps` steps (restore.py). Restoration k
-    starts from the k-th draw of one generator seeded args.seed + 7, the same start noises for every T0 and
-    rung (with 1 sample: exactly the noise of the 1 x 20 calibration before). Every process computes the same
-    numbers (no sharding: it is small)."""
+    """The T0 curve of a prompt trained over bridge.T0_range, or at one T0 (then the grid spans CURVE_RANGE;
+    strength.py): the validation images degraded at a ladder of strengths (paired data: as they are) and
+    restored from every T0 of a grid with sample.py's sampler for this backbone, the mean of `samples`
+    restorations of `steps` steps (restore.py). Restoration k starts from the k-th draw of one generator seeded
+    args.seed + 7, the same start noises for every T0 and rung (with 1 sample: exactly the noise of the 1 x 20
+    calibration before). Every process computes the same numbers (no sharding: it is small)."""
     clean = torch.stack([val_set[i]["clean"] for i in range(len(val_set))])
     steps, samples, spin = sampler_defaults(backbone.name, args.sample_steps, args.samples, spin=args.spin)
     velocity = lambda x, tau: backbone.velocity(x, tau, bank)  # noqa: E731
@@ -199,7 +208,7 @@ def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
             return backbone.decode(bridge.at(T0).sample(velocity, Y, steps, eps=eps)).float().cpu()
         return spun(one, degraded, samples, spin)
 
-    grid = torch.linspace(*bridge.T0_range, CALIBRATION_GRID).tolist()
+    grid = torch.linspace(*(bridge.T0_range or CURVE_RANGE), CALIBRATION_GRID).tolist()
     show = lambda level, scores: say(f"calibrating T0 {level or 'val images'}: " + "  ".join(  # noqa: E731
         f"{T0:.2f}:{p:.2f}" for T0, p in zip(grid, scores)))
     paired = None if degradation else torch.stack([val_set[i]["degraded"] for i in range(len(val_set))])
@@ -210,14 +219,21 @@ def calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say):
     if "T0_curve" in out:
         c = json.loads(out["T0_curve"])
         say("T0 curve: " + ", ".join(f"{s:.3f} -> {T0:.2f}" for s, T0 in zip(c["strength"], c["T0"])))
-    say(f"default T0 (best on average over the validation strengths): {out['T0']:.3f}")
+    if bridge.T0_range:
+        say(f"default T0 (best on average over the validation strengths): {out['T0']:.3f}")
+    else:
+        say(f"default T0: {bridge.T0:g}, the one it was trained at (the curve is what sample.py --t0 auto follows)")
     return out
+
+
+def is_paired(data):
+    return data is not None and (data / "clean").is_dir() and (data / "degraded").is_dir()
 
 
 def datasets(args, backbone, data, degradation, resolution, T0_range):
     """(train_set, val_set, degradation, paired): the tiny default's photographs (validated on the val
     photographs), or --data split into training and --val-count validation items."""
-    paired = data is not None and (data / "clean").is_dir() and (data / "degraded").is_dir()
+    paired = is_paired(data)
     degradation = "+".join(parse(degradation)) if not paired else degradation
     if data is None:  # the tiny default: its training photographs; validation on other photographs
         dataset = CleanPhotos("train", PHOTO_ITEMS, degradation, resolution, seed=args.seed)
@@ -238,18 +254,20 @@ def datasets(args, backbone, data, degradation, resolution, T0_range):
 
 
 def recalibrate(args):
-    """--recalibrate FILE: measure the T0 curve of a trained range prompt again (calibrate_T0, the code
-    training runs) on the validation images its training used, and rewrite the file (or --out) atomically
-    with the new T0_curve and default T0; its tensors and every other metadata entry stay as they were."""
+    """--recalibrate FILE: measure the T0 curve of a trained prompt again (calibrate_T0, the code training runs)
+    on the validation images its training used, and rewrite the file (or --out) atomically with the new T0_curve
+    and, for a range prompt, default T0 (a prompt trained at one T0 keeps it); its tensors and every other
+    metadata entry stay as they were."""
     src = Path(args.recalibrate)
     if not src.is_file():
         raise UserError(f"--recalibrate {src}: no such file")
     meta = load_prompt(src).meta  # a one-line UserError for an unreadable file
-    if "T0_range" not in meta:
-        raise UserError(f"--recalibrate {src}: this prompt was trained at one T0 ({meta.get('T0', '?')}), not over "
-                        "a range (train.py --t0 LOW:HIGH), so it has no T0 curve to measure")
+    if "T0_range" not in meta and meta.get("degradation") not in ESTIMATORS:
+        raise UserError(f"--recalibrate {src}: this prompt was trained at one T0 ({meta.get('T0', '?')}) for "
+                        f"{meta.get('degradation', 'an unnamed degradation')}, which has no strength estimator "
+                        f"(only {', '.join(ESTIMATORS)} has), so it has no T0 curve to measure")
     try:
-        T0_range = parse_t0(meta["T0_range"])
+        T0_range = parse_t0(meta["T0_range"]) if "T0_range" in meta else None
         resolution = parse_resolution(meta.get("resolution", "64"))
         args.seed = int(meta.get("seed", args.seed))  # the validation images and start noises training used
         bridge = Bridge(meta.get("bridge", "ebr"), float(meta["T0"]), float(meta.get("t_min", 1e-4)),
@@ -271,10 +289,16 @@ def recalibrate(args):
         args.val_count = DEFAULTS.get(backbone.name, DEFAULTS[backbone.kind]).get("val_count", 4)
     _, val_set, degradation, paired = datasets(args, backbone, data, meta.get("degradation", args.degradation),
                                                resolution, T0_range)
+    if paired and not T0_range:
+        raise UserError(f"--recalibrate {src}: --data {data} is paired, so there is no ladder of noise levels to "
+                        "measure a curve of a prompt trained at one T0 on; pass clean images")
     new = calibrate_T0(backbone, bank.to(backbone.device), bridge, val_set, None if paired else degradation, args,
                        print)
+    if not T0_range:  # trained at one T0: that T0 stays its default
+        new = {"T0_curve": new["T0_curve"]}
     update_prompt_meta(src, out, **new)
-    print(f"{out}: default T0 {meta['T0']} -> {new['T0']:g}" + ("; new T0 curve" if "T0_curve" in new else ""))
+    print(f"{out}: " + (f"default T0 {meta['T0']} -> {new['T0']:g}" if "T0" in new else f"T0 {meta['T0']} kept")
+          + ("; new T0 curve" if "T0_curve" in new else ""))
     return 0
 
 
@@ -294,6 +318,13 @@ def main(argv=None):
         raise UserError(f"--data {data}: no such folder")
     if args.out is not None and Path(args.out).suffix != ".safetensors":
         raise UserError(f"--out {args.out}: the prompt file's name ends in .safetensors")
+    # a T0 curve is measured against an estimate of the degradation's strength in single images (strength.py)
+    curve_measurable = not is_paired(data) and "+".join(parse(args.degradation)) in ESTIMATORS and not (
+        data is not None and is_clip_folder(data))
+    if args.curve and not T0_range and not curve_measurable:
+        raise UserError(f"--curve measures T0 against an estimate of the noise level of single images: it needs "
+                        f"--degradation {', '.join(ESTIMATORS)} on clean images, not {args.degradation}"
+                        f"{' from a paired folder' if is_paired(data) else ''}; train without --curve")
     for flag, where in (("--out", Path(args.out).parent if args.out else Path("weights")), ("--run-dir", args.run_dir)):
         if where is not None and world.main:  # before any work: an unwritable place fails now, not after training
             writable_folder(where, flag)
@@ -309,6 +340,7 @@ def main(argv=None):
     if any(side % backbone.multiple for side in ((resolution,) * 2 if isinstance(resolution, int) else resolution)):
         raise UserError(f"--resolution {resolution} must be a multiple of {backbone.multiple} for {backbone.name}")
     train_set, val_set, degradation, paired = datasets(args, backbone, data, args.degradation, resolution, T0_range)
+    curve = not T0_range and curve_measurable and (args.curve or (args.curve is None and defaults.get("curve", False)))
     if len(val_set) < world.size:
         raise UserError(f"--val-count {len(val_set)} is smaller than the {world.size} processes: each needs one")
     if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and args.device.startswith("cuda")):
@@ -409,6 +441,8 @@ def main(argv=None):
         meta.update(calibrate_T0(backbone, bank, bridge, val_set, None if paired else degradation, args, say))
         bridge = bridge.at(meta["T0"])
         meta["T0_range"] = f"{T0_range[0]:g}:{T0_range[1]:g}"
+    elif curve:  # trained at one T0, which stays its default; the curve lets sample.py pick T0 per input
+        meta["T0_curve"] = calibrate_T0(backbone, bank, bridge, val_set, degradation, args, say)["T0_curve"]
     m = run_validation(steps)
     if world.main:
         save_prompt(bank, out, **meta, steps=steps, world_size=world.size)

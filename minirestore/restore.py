@@ -155,7 +155,7 @@ def load_prompts(backbone, files):
 
 def bridge_for(prompts, t0=None, source=""):
     """(bridge, auto) for a set of prompts: their bridge at T0 = t0, else the first prompt's own T0.
-    auto: choose T0 per input (t0 "auto", the default for a prompt trained over a T0 range with a curve)."""
+    auto: choose T0 per input (t0 "auto", the default for a prompt with a T0 curve)."""
     from .bridge import Bridge
 
     kinds = {b.meta.get("bridge", "ebr") for b in prompts}
@@ -166,7 +166,7 @@ def bridge_for(prompts, t0=None, source=""):
     bridge = Bridge(kinds.pop(), T0, float(meta.get("t_min", 1e-4)), sigma=float(meta.get("ddbm_sigma", 1.0)))
     auto = t0 == "auto" or (t0 is None and "T0_curve" in meta)
     if auto and "T0_curve" not in meta:
-        print(f"--t0 auto: {source} has no T0 curve (trained at one T0), so its own T0 {T0:g} is used")
+        print(f"--t0 auto: {source} has no T0 curve, so its own T0 {T0:g} is used")
         auto = False
     return bridge, auto
 

@@ -1,7 +1,9 @@
 """Adaptive T0: how strong the degradation is, read off the input alone, and the T0 that strength calls for.
 
 A prompt trained over a range of horizons (`train.py --t0 0.1:0.8`, bridge.py's `T0_range`) can start the
-sampler at any T0 in that range; which one is best depends on the input. Two pieces:
+sampler at any T0 in that range; which one is best depends on the input. A prompt trained at one T0 can too:
+nothing in P or alpha names a T0 (the state tells the frozen model its time), and on the tiny default the main
+job's T0 0.6 noise prompt restores light noise best from T0 0.1 to 0.25 (train.py --curve measures where). Two pieces:
 
   1. an estimate s of the strength, from the degraded image only. For noise, Donoho's MAD rule on the
      finest diagonal Haar band: per 2 x 2 block HH = (a - b - c + d) / 2, which keeps white noise's std

@@ -1,4 +1,5 @@
-"""Adaptive T0 end to end: train.py over a T0 range writes a curve, sample.py --t0 auto follows it.
+"""Adaptive T0 end to end: train.py over a T0 range writes a curve (and, on the tiny default, a noise prompt
+trained at one T0 gets one too), sample.py --t0 auto follows it.
 
 A few training steps only (the curve of such a prompt means little; tests/test_strength.py checks that
 calibration finds the right T0 on a toy sampler): these check the plumbing and its reproducibility.
@@ -49,6 +50,48 @@ def test_range_training_writes_a_T0_curve(range_prompt):
     assert all(0.05 <= T0 <= 0.8 for T0 in curve["T0"])
     assert len(curve["grid"]) == 11 and np.array(curve["psnr"]).shape == (6, 11)
     assert curve["sampler"] == {"steps": 1, "samples": 2, "spin": 4}  # the sampler it was measured with (spun: tiny)
+
+
+@pytest.fixture(scope="module")
+def fixed_prompt(real_photos, tmp_path_factory):
+    """The main job's shape (--t0 0.6, tiny, noise): --curve is its default."""
+    d = tmp_path_factory.mktemp("fixed")
+    python("train.py", "--degradation", "noise", "--t0", "0.6", "--steps", "6", "--val-every", "0", "--val-count", "2",
+           "--val-steps", "2", "--sample-steps", "1", "--samples", "2", "--out", d / "fixed.safetensors", cwd=d)
+    return d / "fixed.safetensors"
+
+
+def test_a_prompt_trained_at_one_T0_gets_a_curve_and_keeps_its_T0(fixed_prompt, tmp_path):
+    meta = load_prompt(fixed_prompt).meta
+    assert meta["T0"] == "0.6" and "T0_range" not in meta
+    curve = json.loads(meta["T0_curve"])
+    assert curve["grid"][0] == pytest.approx(0.05) and curve["grid"][-1] == pytest.approx(0.95)  # beyond its T0 too
+    assert len(curve["strength"]) == 6 and curve["sampler"] == {"steps": 1, "samples": 2, "spin": 4}
+    noisy_photo(tmp_path / "light.png", 0.03, seed=3)
+    out = python("sample.py", tmp_path / "light.png", "--prompt", fixed_prompt, "--steps", "1", cwd=tmp_path)
+    strength, T0 = chosen_T0(out)  # no --t0: auto, as for a range prompt
+    assert T0 == pytest.approx(curve_T0(curve, strength), abs=1e-3)
+    copy = tmp_path / "copy.safetensors"  # --recalibrate: a new curve, the trained T0 kept
+    shutil.copy(fixed_prompt, copy)
+    out = python("train.py", "--recalibrate", copy, "--val-count", "2", "--sample-steps", "2", "--samples", "1",
+                 cwd=tmp_path)
+    assert "T0 0.6 kept" in out
+    (meta0, tensors0), (meta1, tensors1) = raw(fixed_prompt), raw(copy)
+    assert tensors1 == tensors0 and meta1["T0"] == "0.6"
+    assert {k: v for k, v in meta1.items() if k != "T0_curve"} == {k: v for k, v in meta0.items() if k != "T0_curve"}
+    assert json.loads(meta1["T0_curve"])["sampler"] == {"steps": 2, "samples": 1}
+
+
+def test_curve_flag(real_photos, tmp_path):
+    """--no-curve: a plain prompt at one T0; --curve where no strength estimator exists: one line, nothing written."""
+    python("train.py", "--degradation", "noise", "--t0", "0.6", "--steps", "2", "--val-every", "0", "--val-count", "2",
+           "--val-steps", "2", "--no-curve", "--out", tmp_path / "plain.safetensors", cwd=tmp_path)
+    assert "T0_curve" not in load_prompt(tmp_path / "plain.safetensors").meta
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--degradation", "blur", "--curve", "--steps", "2",
+                        "--out", str(tmp_path / "blur.safetensors")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--curve" in r.stderr, r.stderr
+    assert "--degradation noise" in r.stderr and not (tmp_path / "blur.safetensors").exists()
 
 
 def noisy_photo(path, sigma, seed):
@@ -122,7 +165,7 @@ def test_recalibrate_changes_only_the_curve_and_default_T0(range_prompt, tmp_pat
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
-@pytest.mark.parametrize("which,message", [("missing", "no such file"), ("fixed", "trained at one T0"),
+@pytest.mark.parametrize("which,message", [("missing", "no such file"), ("fixed", "no strength estimator"),
                                            ("garbage", "not a readable prompt file")])
 def test_recalibrate_errors_are_one_line(which, message, tmp_path):
     path = {"missing": tmp_path / "nope.safetensors", "fixed": ROOT / "weights" / "tiny" / "prompts" / "blur.safetensors",

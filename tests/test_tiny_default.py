@@ -136,12 +136,15 @@ def test_shipped_noise_prompt_adapts_its_T0(tiny, test_photos):
 
 
 def test_main_job_shortened(real_photos, tmp_path):
-    """The README's first command, shortened to a few dozen steps: it trains, writes, and improves on
-    the degraded input and on the frozen model on held-out val photographs."""
+    """The README's first command, shortened to a few dozen steps (and a T0 curve measured with 2 samples, not
+    20): it trains, writes a prompt that keeps its T0 and carries a T0 curve, and improves on the degraded input
+    and on the frozen model on held-out val photographs."""
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--degradation", "noise", "--t0", "0.6", "--steps", "40",
-                        "--val-every", "0", "--val-steps", "10"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                        "--val-every", "0", "--val-steps", "10", "--samples", "2"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "weights" / "tiny-noise.safetensors").exists()
+    meta = load_prompt(tmp_path / "weights" / "tiny-noise.safetensors").meta
+    assert meta["T0"] == "0.6" and "T0_range" not in meta and "T0_curve" in meta
     log = [json.loads(line) for line in (tmp_path / "runs" / "tiny-noise" / "log.jsonl").read_text().splitlines()]
     scores = [rec for rec in log if "psnr" in rec]  # validation at step 0 (the frozen model) and at the end
     frozen, final = scores[0], scores[-1]
