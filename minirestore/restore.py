@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import UserError, protocol
 from .bridge import averaged
@@ -135,6 +136,7 @@ def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch
     out, weight = torch.zeros(3, Hp, Wp), torch.zeros(1, Hp, Wp)
     w = blend_weight(th, tw, overlap)
     one = lambda t, k: backbone.decode(bridge.sample(velocity, backbone.encode(t), steps, generator=g)).float()  # noqa: E731
+    bar = tqdm(total=len(boxes), desc="tiles", unit="tile", leave=False, disable=len(boxes) <= batch)  # a big photo
     for b0 in range(0, len(boxes), batch):  # tiles in batches: bounded memory on any image size
         chunk = boxes[b0:b0 + batch]
         tiles = torch.cat([x[..., i:i + th, j:j + tw] for i, j in chunk])
@@ -142,6 +144,8 @@ def restore(backbone, prompts, bridge, x, steps, seed, tile=0, overlap=16, batch
         for (i, j), r in zip(chunk, restored):
             out[:, i:i + th, j:j + tw] += w * r
             weight[:, i:i + th, j:j + tw] += w
+        bar.update(len(chunk))
+    bar.close()
     return (out / weight)[:, :H, :W]
 
 
