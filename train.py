@@ -43,7 +43,8 @@ from minirestore.restore import sampler_defaults, spun
 from minirestore.strength import ESTIMATORS, calibrate
 
 DEFAULTS = {  # per backbone: crop size, optimiser steps, learning rate (paper.md 5: 3K-10K steps)
-    "tiny": dict(resolution=64, steps=600, lr=1e-2, batch_size=8, val_every=200, val_count=8, curve=True),  # ~10 min, 2 CPU cores
+    "tiny": dict(resolution=64, steps=600, lr=1e-2, batch_size=8, val_every=200, val_count=8,
+                 curve=True),  # about 3.5 min on 2 CPU cores, the T0 curve included
     "flux": dict(resolution=512, steps=3000, lr=2e-3),
     "wan": dict(resolution=(480, 832), steps=3000, lr=2e-3),  # clips of --frames 33, as in the paper
 }
@@ -85,9 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--val-steps", type=int, default=20, help="sampler steps when validating")
     p.add_argument("--curve", action=argparse.BooleanOptionalAction, help="after training at one T0, also measure the "
                    "prompt's T0 curve (as for --t0 LOW:HIGH, over T0 in [0.05, 0.95]) so that sample.py chooses T0 per "
-                   "input; only for degradations with a strength estimator (noise); a range prompt always gets one. Default: "
-                   "on for tiny (about 100 s on 2 CPU cores), off for FLUX and Wan (it restores the validation images "
-                   "66 times)")
+                   "input; only for degradations with a strength estimator (noise); a range prompt always gets "
+                   "one. Default: on for tiny (about 100 s on 2 CPU cores), off for FLUX and Wan (it restores the "
+                   "validation images 66 times)")
     p.add_argument("--sample-steps", type=int, help="the T0 curve: sampler steps it is measured with "
                    "(default: sample.py's for the backbone, 1 for tiny, 20 otherwise)")
     p.add_argument("--samples", type=int, help="the T0 curve: restorations averaged per image when measuring the "
