@@ -320,12 +320,13 @@ def main(argv=None):
     if args.out is not None and Path(args.out).suffix != ".safetensors":
         raise UserError(f"--out {args.out}: the prompt file's name ends in .safetensors")
     # a T0 curve is measured against an estimate of the degradation's strength in single images (strength.py)
-    curve_measurable = not is_paired(data) and "+".join(parse(args.degradation)) in ESTIMATORS and not (
+    paired = is_paired(data)
+    curve_measurable = not paired and "+".join(parse(args.degradation)) in ESTIMATORS and not (
         data is not None and is_clip_folder(data))
     if args.curve and not T0_range and not curve_measurable:
         raise UserError(f"--curve measures T0 against an estimate of the noise level of single images: it needs "
                         f"--degradation {', '.join(ESTIMATORS)} on clean images, not {args.degradation}"
-                        f"{' from a paired folder' if is_paired(data) else ''}; train without --curve")
+                        f"{' from a paired folder' if paired else ''}; train without --curve")
     for flag, where in (("--out", Path(args.out).parent if args.out else Path("weights")), ("--run-dir", args.run_dir)):
         if where is not None and world.main:  # before any work: an unwritable place fails now, not after training
             writable_folder(where, flag)

@@ -153,24 +153,26 @@ def test_main_job_shortened(real_photos, tmp_path):
     assert list((tmp_path / "runs" / "tiny-noise").glob("preview-*.png"))
 
 
-def test_sample_shows_progress_over_the_tiles_of_a_large_photo(test_photos, tmp_path):
-    """More tiles than one batch: a tqdm bar counts them (a 12-megapixel photo takes minutes on the CPU)."""
+def sample_photo(test_photos, tmp_path, size, *flags):
+    """python sample.py on a size x size held-out test photo saved as photo.png -> the finished process."""
     from PIL import Image
 
-    img = (held_out(test_photos, 1, 320)[0].permute(1, 2, 0) * 255).byte().numpy()
-    Image.fromarray(img).save(tmp_path / "big.png")
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), tmp_path / "big.png", "--samples", "1"], cwd=tmp_path,
+    img = (held_out(test_photos, 1, size)[0].permute(1, 2, 0) * 255).byte().numpy()
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), tmp_path / "photo.png", *flags], cwd=tmp_path,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_sample_shows_progress_over_the_tiles_of_a_large_photo(test_photos, tmp_path):
+    """More tiles than one batch: a tqdm bar counts them (a 2048 px photo takes minutes on the CPU)."""
+    r = sample_photo(test_photos, tmp_path, 320, "--samples", "1")
     assert "tiles:" in r.stderr and "/49 [" in r.stderr, r.stderr[-2000:]  # 7 x 7 tiles of 64 px, 16 px overlap
 
 
 def test_sample_restores_any_size(test_photos, tmp_path):
     from PIL import Image
 
-    img = (held_out(test_photos, 1, 100)[0].permute(1, 2, 0) * 255).byte().numpy()
-    Image.fromarray(img).save(tmp_path / "photo.png")
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), tmp_path / "photo.png", "--steps", "4"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
+    sample_photo(test_photos, tmp_path, 100, "--steps", "4")
     assert Image.open(tmp_path / "photo_restored.png").size == (100, 100)
