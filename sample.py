@@ -10,8 +10,9 @@ to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampl
 default; on the tiny default the mean of 20 one-step samples, the same cost, each on its tiles shifted to
 another phase of the 4-pixel token grid, --spin). A prompt with a measured T0 curve (trained over a T0 range,
 train.py --t0 0.05:0.8, or a noise prompt trained at one T0 on the tiny default, train.py --curve) picks T0 per
-input (--t0 auto, its default): the degradation's strength is estimated from the input (a JPEG file's noise from
-its luma, which the encoder leaves) and mapped through the curve (strength.py); the chosen T0 is printed.
+input (--t0 auto, its default): the degradation's strength is estimated from the input (a JPEG file's noise also
+from its luma one scale up, which the encoder leaves) and mapped through the curve (strength.py); the chosen T0
+is printed.
 Several --prompt files restore mixed degradations: their velocities are averaged at every step. Outputs keep the
 input's size and mode (data.py's table: CMYK stays CMYK, a palette becomes RGB) and never overwrite an input;
 each is written atomically (a temporary file, then a rename). With a Wan backbone a video file or a folder of
@@ -219,7 +220,7 @@ def main(argv=None):
             print(f"{src} -> {dst} ({note})")
             continue
         x, info = read(kind, src, size)
-        jpeg = isinstance(info, dict) and info.get("format") == "JPEG"  # a JPEG file: its noise is read from luma
+        jpeg = isinstance(info, dict) and info.get("format") == "JPEG"  # a JPEG file: its noise is read with its luma too
         b, note = at_input(bridge, auto, prompts[0].meta, x, jpeg=jpeg)
         # ypt: each input as the release's run_single.py restores it, the posterior stream fresh per run
         stream = protocol.PosteriorStream(backbone.device) if ypt else None

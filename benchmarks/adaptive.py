@@ -6,12 +6,12 @@
 
 Test images: crops of the test photographs (photos.py), exactly as benchmarks/photos.py draws them (crop i of a
 size from default_rng([31, size, i]), degraded with a generator seeded by (size, i)), at noise sigma 0.02, 0.05,
-0.1, 0.2 and 0.3 (--split val: crops of the val photographs instead, to compare prompts or curves without
-looking at the test set); --jpeg Q: each noisy crop is then saved as a JPEG of quality Q (PIL, 4:2:0 chroma, as
-a phone or a web upload would), and --t0 auto reads it as sample.py reads a .jpg file (strength.noise_sigma's
-jpeg), with one more row that reads it as a PNG would be read. Every learned row uses sample.py's sampler for the backbone (the mean of 20
-one-step samples on the tiny default; --steps, --samples). Rows per sigma, PSNR and SSIM with 95% intervals
-(mean +- 1.96 std / sqrt(n)):
+0.1, 0.2 and 0.3 (--split val: crops of the val photographs instead, to compare prompts or curves without looking
+at the test set); --jpeg Q: each noisy crop is then saved as a JPEG of quality Q (PIL, 4:2:0 chroma, as a phone
+or a web upload would), and --t0 auto reads it as sample.py reads a .jpg file (strength.noise_sigma's jpeg), with
+one more row that reads it as a PNG would be read. Every learned row uses sample.py's sampler for the backbone
+(the mean of 20 one-step samples on the tiny default; --steps, --samples). Rows per sigma, PSNR and SSIM with 95%
+intervals (mean +- 1.96 std / sqrt(n)):
 
   noisy input
   best classical filter    classical.py, kind and strength tuned per sigma on val-photo crops
@@ -137,7 +137,8 @@ def plot(path, curve, chosen, rows, sigmas, others=(), split="test", jpeg=False)
     a.plot(curve["strength"], curve["T0"], "o-", color="k", label="curve measured on val photos")
     for name, c in others:
         a.plot(c["strength"], c["T0"], "s--", label=f"{name}'s curve")
-    a.set(xlabel="estimated noise sigma (" + ("JPEG: luma at 2 x 2, " if jpeg else "") + "median |HH| / 0.6745)", ylabel="T0", title="T0 chosen per image")
+    a.set(xlabel="estimated noise sigma (" + ("read as a JPEG, " if jpeg else "") + "strength.noise_sigma)",
+          ylabel="T0", title="T0 chosen per image")
     a.legend()
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] not in ("noisy input",)):
         ys = [next(r["psnr"][0] for r in rows if r["method"] == method and r["sigma"] == s) for s in sigmas]
@@ -168,7 +169,7 @@ def main(argv=None):
             raise UserError(f"--compare {name}={f} has no T0 curve: compare prompts trained over a T0 range")
     S, K, P = sampler_defaults(backbone.name, args.steps, args.samples)
     val_photos, test_photos = PhotoCrops("val"), PhotoCrops(args.split)
-    rows, chosen = [], []
+    rows, chosen, as_png = [], [], []
     for sigma in args.sigmas:
         level = dict(sigma=sigma)
         print(f"== noise sigma {sigma:g}, {args.images} crops of {args.size} px ({args.split} photographs)", flush=True)
@@ -195,7 +196,8 @@ def main(argv=None):
             methods.append((f"{cname}, --t0 auto", restore_set(backbone, bank, prompt_bridge(bank), noisy, S, T0s=cT0s,
                                                               samples=K, spin=P), spread(cT0s)))
         if args.jpeg:  # the same prompt with the estimate a PNG gets: the finest band, which JPEG emptied
-            pT0s = [auto_T0(adaptive.meta, x)[0] for x in noisy]
+            pT0s, pstrengths = zip(*[auto_T0(adaptive.meta, x) for x in noisy])
+            as_png += list(zip(pstrengths, pT0s))
             methods.append(("adaptive, --t0 auto, read as a PNG", restore_set(
                 backbone, adaptive, b, noisy, S, T0s=pT0s, samples=K, spin=P), spread(pT0s)))
         auto = restore_set(backbone, adaptive, b, noisy, S, T0s=T0s, samples=K, spin=P)
@@ -247,7 +249,8 @@ def main(argv=None):
                                                     in zip(args.compare, compare)]), "",
                     "\n".join(lines), "", "\n".join(targets), ""] + (["\n".join(grid_lines), ""] if args.grid else []))
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(dict(command=command, curve=curve, rows=rows, chosen=chosen), indent=1))
+    (out / "results.json").write_text(json.dumps(dict(command=command, curve=curve, rows=rows, chosen=chosen,
+                                                      **({"chosen_as_png": as_png} if args.jpeg else {})), indent=1))
     print("\n" + md)
     return 0
 

@@ -11,11 +11,11 @@ Tensors are [3, H, W] float in [0, 1], RGB. `load_image` returns with the tensor
     I;16 / I (16-bit PNG)       grey / 65535      I;16 (16 bit)
     palette without alpha       RGB               RGB (a restored image no longer fits the palette)
 
-JPEG EXIF orientation is applied on load (ImageOps.exif_transpose), so the tensor is upright and the
-output carries no orientation tag. info["format"] is the file's format as Pillow reads it from the bytes
-("JPEG" for a .jpg, or a JPEG under any name): a JPEG's noise is estimated differently (strength.py). A format that cannot hold the mode falls back to the nearest one it can
-(`FALLBACK`: a JPEG output drops alpha and 16 bits, a PNG output turns CMYK into RGB and drops the CMYK
-profile). 16-bit RGB PNGs are read by Pillow as 8-bit RGB.
+JPEG EXIF orientation is applied on load (ImageOps.exif_transpose), so the tensor is upright and the output
+carries no orientation tag. info["format"] is the file's format as Pillow reads it from the bytes ("JPEG" for a
+.jpg, or a JPEG under any name): a JPEG's noise is estimated differently (strength.py). A format that cannot hold
+the mode falls back to the nearest one it can (`FALLBACK`: a JPEG output drops alpha and 16 bits, a PNG output
+turns CMYK into RGB and drops the CMYK profile). 16-bit RGB PNGs are read by Pillow as 8-bit RGB.
 
 Animated images (GIF, APNG, animated WebP, multi-page TIFF) are read by `load_frames` as [T, 3, H, W] RGB
 frames with each frame's duration, and written back by `save_frames` as an animation of the same timing

@@ -121,7 +121,7 @@ def prompt_files(items, specs, model):
 
 def load(paths, clip, ypt_size, frames):
     """(x, jpeg): an image [3, H, W] or a clip [T, 3, H, W] in [0, 1], natively or as the release loads it;
-    jpeg: a native image read from a JPEG file (its noise is estimated from luma, strength.noise_sigma)."""
+    jpeg: a native image read from a JPEG file (its noise is estimated differently, strength.noise_sigma)."""
     if not clip:
         if ypt_size is not None:
             return protocol.load_resized(paths, ypt_size), False

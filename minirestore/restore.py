@@ -184,4 +184,4 @@ def at_input(bridge, auto, meta, x, jpeg=False):
 
     T0, strength = auto_T0(meta, x, jpeg=jpeg)
     return bridge.at(T0), (f"estimated {meta['degradation']} strength {strength:.4f} -> T0 {T0:.3f}"
-                           + (" (a JPEG file: its noise read from luma at 2 x 2)" if jpeg else ""))
+                           + (" (a JPEG file: read with its luma at 2 x 2 too)" if jpeg else ""))
