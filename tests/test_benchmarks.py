@@ -95,3 +95,26 @@ def test_scaling_benchmark_one_process(tmp_path):
     assert "CPU smoke" in r.stdout
     assert not results.exists()
     assert list(tmp_path.iterdir()) == []  # runs, prompt files and the backbone live in a removed temp dir
+
+
+def test_jpeg_noise_benchmark_scores_each_reading_by_the_T0_it_picks(real_photos, tmp_path):
+    """benchmarks/jpeg_noise.py: every reading gets a PSNR read off the crops' T0 grid (so between the grid's worst
+    and best), the coarse reading is above the fine one on a JPEG, and a bad --grid is one line."""
+    import json
+
+    import torch
+
+    r = run("jpeg_noise.py", "--images", "2", "--sigmas", "0.1", "--qualities", "75", "--grid", "0.2,0.4",
+            "--out", tmp_path, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    header, rows = markdown_table((tmp_path / "results.md").read_text(), "sigma")
+    assert [h.split(":")[0] for h in header[4:8]] == ["fine", "coarse", "rms", "energy"] and rows[-1][0] == "mean"
+    out = json.loads((tmp_path / "results.json").read_text())
+    table = torch.tensor(out["results"]["0.1,75"]["psnr"])  # [crops, grid]
+    for name in ("fine", "coarse", "rms", "energy"):
+        score = out["rows"][0][name][0]
+        assert table.min(1).values.mean() - 1e-6 <= score <= table.max(1).values.mean() + 1e-6
+    f, c = (torch.tensor(out["results"]["0.1,75"][k]) for k in ("fine", "coarse"))
+    assert (c > f).all()  # JPEG empties the finest band; luma one scale up keeps the noise
+    bad = run("jpeg_noise.py", "--grid", "0.3", cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--grid" in bad.stderr, bad.stderr
