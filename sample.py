@@ -10,15 +10,13 @@ to t_min with the bridge sampler (bridge.py, the released code's DDIM-like sampl
 default; on the tiny default the mean of 20 one-step samples, the same cost, each on its tiles shifted to
 another phase of the 4-pixel token grid, --spin). A prompt with a measured T0 curve (trained over a T0 range,
 train.py --t0 0.05:0.8, or a noise prompt trained at one T0 on the tiny default, train.py --curve) picks T0 per
-input (--t0 auto, its default): the degradation's strength is estimated from the input (a JPEG file's noise also
-from its luma one scale up, which the encoder leaves) and mapped through the curve (strength.py); the chosen T0
-is printed.
-Several --prompt files restore mixed degradations: their velocities are averaged at every step. Outputs keep the
-input's size and mode (data.py's table: CMYK stays CMYK, a palette becomes RGB) and never overwrite an input;
-each is written atomically (a temporary file, then a rename). With a Wan backbone a video file or a folder of
-frames is one clip (frame count padded to 4k+1 and cut back, fps kept), and so is an animated image (GIF, APNG,
-WebP); with FLUX a folder is a set of images and an animated image has every frame restored on its own. Either
-way it comes back animated, frame timing kept.
+input (--t0 auto, its default): the degradation's strength is estimated from the input and mapped through the
+curve (strength.py); the chosen T0 is printed. Several --prompt files restore mixed degradations: their velocities are averaged at every
+step. Outputs keep the input's size and mode (data.py's table: CMYK stays CMYK, a palette becomes RGB)
+and never overwrite an input; each is written atomically (a temporary file, then a rename). With a Wan
+backbone a video file or a folder of frames is one clip (frame count padded to 4k+1 and cut back, fps
+kept), and so is an animated image (GIF, APNG, WebP); with FLUX a folder is a set of images and an
+animated image has every frame restored on its own. Either way it comes back animated, frame timing kept.
 --protocol ypt restores as the released code does (resized to 1024x1024 or 480x832, posterior sample,
 scheduler timesteps, noise seed 42, truncated JPEG; protocol.py).
 Clips stream from and to disk in overlapping windows of --window frames blended in latent space
@@ -220,8 +218,7 @@ def main(argv=None):
             print(f"{src} -> {dst} ({note})")
             continue
         x, info = read(kind, src, size)
-        jpeg = isinstance(info, dict) and info.get("format") == "JPEG"  # a JPEG file: its noise is read with its luma too
-        b, note = at_input(bridge, auto, prompts[0].meta, x, jpeg=jpeg)
+        b, note = at_input(bridge, auto, prompts[0].meta, x)
         # ypt: each input as the release's run_single.py restores it, the posterior stream fresh per run
         stream = protocol.PosteriorStream(backbone.device) if ypt else None
         if kind == "animation" and backbone.kind == "flux":  # an image model: each frame on its own

@@ -7,8 +7,7 @@ The photo is the test photograph lomiri-friends (never trained or tuned on), its
 256 x 256, with Gaussian noise of std 0.1 saved as an 8-bit PNG; sample.py restores it with its defaults (the
 shipped noise prompt). The Gaussian filter gets its best sigma for this very image (an oracle, so the baseline
 is optimistic). With --jpeg Q the noisy photo is saved as photo.jpg at that quality (Pillow, 4:2:0 chroma), the
-file sample.py then reads (it estimates a JPEG's noise from its luma, strength.py), and the picture goes to
-demo-noise-jpegQ.png.
+file sample.py then reads, and the picture goes to demo-noise-jpegQ.png.
 """
 import argparse
 import subprocess

@@ -5,14 +5,15 @@
 
 A JPEG encoder quantizes the finest luma band (mostly to zero) and keeps chroma at half resolution, so the noise it
 leaves is coloured and the finest Haar band, which the T0 curve was measured against, reads only part of it. This
-chooses how strength.noise_sigma reads a JPEG file, on val photographs only. For every crop (noise sigma, then a
+scores other readings of a JPEG file on val photographs only (the one chosen here, rms, then lost on the test
+photographs at quality 90, so sample.py reads a JPEG as any image: benchmarks/photos/README.md, "JPEG files"). For every crop (noise sigma, then a
 PIL JPEG round trip at quality q) and every T0 of --grid, the shipped noise prompt restores it with sample.py's
 sampler, and each crop's PSNR at each T0 is kept. Each candidate reading r of a crop picks T0 = curve(r) through the
 prompt's curve, and its PSNR is read off that crop's grid by linear interpolation:
 
-  fine       the finest band, all channels (what a PNG gets: noise_sigma(x))
-  coarse     luma at 2 x 2, luma's share undone (noise_sigma's sigma_coarse)
-  rms        sqrt((fine^2 + coarse^2) / 2)            (noise_sigma(x, jpeg=True))
+  fine       the finest band, all channels (strength.noise_sigma: what sample.py reads)
+  coarse     luma at 2 x 2, luma's share undone (luma_sigma below)
+  rms        sqrt((fine^2 + coarse^2) / 2)            (rms_sigma below)
   energy     sqrt(3/4 fine^2 + 1/4 coarse^2)          (white noise's Haar energy: 3/4 in the finest level)
 
 with, for reference, the best single T0 of the grid and the per-crop best T0 (an oracle). Outputs in --out:
@@ -44,6 +45,29 @@ from minirestore.photos import PhotoCrops  # noqa: E402
 from minirestore.prompts import load_prompt  # noqa: E402
 from minirestore.restore import sampler_defaults  # noqa: E402
 from minirestore.strength import curve_T0, noise_sigma  # noqa: E402
+
+LUMA = (0.299, 0.587, 0.114)  # JPEG's luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R 601)
+LUMA_SHARE = sum(w * w for w in LUMA) ** 0.5  # 0.6685: Y's std when R, G, B each carry independent unit noise
+
+
+def luma_sigma(x):
+    """The coarse reading of images x [B, 3, H, W] decoded from JPEG files -> [B]. The encoder quantized the
+    finest luma band (mostly to zero) and kept chroma at half resolution (4:2:0), while luma one scale up keeps
+    about all the noise there was: Y, 2 x 2 means (white noise's std halves), the MAD rule, luma's share undone,
+        sigma_coarse = 2 median(|HH(mean2x2(Y))|) / 0.6745 / 0.6685
+    (a grey image, R = G = B, has all of its noise in Y: no share to undo)."""
+    x = x.float()
+    if x.shape[-2] < 4 or x.shape[-1] < 4:
+        raise ValueError(f"an image of {x.shape[-1]}x{x.shape[-2]} pixels is too small to read its luma at 2 x 2")
+    grey = (x == x[:, :1]).flatten(1).all(dim=1)  # [B]
+    luma = sum(w * x[:, c:c + 1] for c, w in enumerate(LUMA)) / torch.where(grey, 1.0, LUMA_SHARE)[:, None, None, None]
+    return noise_sigma(torch.nn.functional.avg_pool2d(luma[..., :x.shape[-2] // 4 * 4, :x.shape[-1] // 4 * 4], 2) * 2)
+
+
+def rms_sigma(x):
+    """sqrt((fine^2 + coarse^2) / 2): the reading this benchmark chose on val (and the test then rejected)."""
+    return ((noise_sigma(x) ** 2 + luma_sigma(x) ** 2) / 2).sqrt()
+
 
 READINGS = {  # name -> reading from (fine, coarse)
     "fine": lambda f, c: f,
@@ -98,8 +122,7 @@ def main(argv=None):
         for q in args.qualities:
             print(f"== sigma {sigma:g}, JPEG quality {q}: {args.images} val crops of {args.size} px", flush=True)
             y = jpeg(noisy, generator=0, quality=q)
-            fine, read = noise_sigma(y), noise_sigma(y, jpeg=True)
-            coarse = (2 * read ** 2 - fine ** 2).clamp(min=0).sqrt()  # read = rms(fine, coarse)
+            fine, coarse = noise_sigma(y), luma_sigma(y)
             table = torch.stack([psnr(restore_set(backbone, bank, bridge, y, S, T0s=[T0] * args.images, samples=K,
                                                   spin=P), clean) for T0 in args.grid], dim=1)  # [n, len(grid)]
             results[f"{sigma:g},{q}"] = dict(sigma=sigma, quality=q, input=psnr(y, clean).tolist(), fine=fine.tolist(),

@@ -36,13 +36,12 @@ need and a heavily noised one needs more of. `T0_range = (lo, hi)` trains one pr
 each sample draws T0 ~ U(lo, hi), then t in [t_min, T0] as above, and sits on EBR's bridge *for that T0*
 (`at(T0)`); P and alpha see nothing new, the state itself tells the frozen model its time. At sampling
 T0 is chosen per input (strength.py): estimate the degradation's strength s from the input alone (noise:
-sigma_hat = median |HH| / 0.6745 of the finest Haar band, Donoho's MAD rule; of a JPEG file, with
-its luma one scale up too), then T0 = curve(s), a piecewise-linear curve of the best T0 found on validation images
-at a ladder of strengths (train.py measures it and stores it in the prompt file). Failure cases: sigma_hat
-reads fine texture as noise (a clean, detailed photo gets a T0 above what it needs, which costs detail, not
-stability); noise that is not white (demosaicked noise, low light; JPEG'd noise in a file that is no longer a
-JPEG) is underestimated; degradations without an estimator (blur, jpeg, haze, ...) get one calibrated T0, the
-best on average over their training strengths.
+sigma_hat = median |HH| / 0.6745 of the finest Haar band, Donoho's MAD rule), then T0 = curve(s), a
+piecewise-linear curve of the best T0 found on validation images at a ladder of strengths (train.py
+measures it and stores it in the prompt file). Failure cases: sigma_hat reads fine texture as noise (a
+clean, detailed photo gets a T0 above what it needs, which costs detail, not stability); noise that is
+not white (JPEG'd or demosaicked noise, low light) is underestimated; degradations without an estimator
+(blur, jpeg, haze, ...) get one calibrated T0, the best on average over their training strengths.
 """
 import copy
 import math

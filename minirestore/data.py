@@ -11,11 +11,10 @@ Tensors are [3, H, W] float in [0, 1], RGB. `load_image` returns with the tensor
     I;16 / I (16-bit PNG)       grey / 65535      I;16 (16 bit)
     palette without alpha       RGB               RGB (a restored image no longer fits the palette)
 
-JPEG EXIF orientation is applied on load (ImageOps.exif_transpose), so the tensor is upright and the output
-carries no orientation tag. info["format"] is the file's format as Pillow reads it from the bytes ("JPEG" for a
-.jpg, or a JPEG under any name): a JPEG's noise is estimated differently (strength.py). A format that cannot hold
-the mode falls back to the nearest one it can (`FALLBACK`: a JPEG output drops alpha and 16 bits, a PNG output
-turns CMYK into RGB and drops the CMYK profile). 16-bit RGB PNGs are read by Pillow as 8-bit RGB.
+JPEG EXIF orientation is applied on load (ImageOps.exif_transpose), so the tensor is upright and the
+output carries no orientation tag. A format that cannot hold the mode falls back to the nearest one it can
+(`FALLBACK`: a JPEG output drops alpha and 16 bits, a PNG output turns CMYK into RGB and drops the CMYK
+profile). 16-bit RGB PNGs are read by Pillow as 8-bit RGB.
 
 Animated images (GIF, APNG, animated WebP, multi-page TIFF) are read by `load_frames` as [T, 3, H, W] RGB
 frames with each frame's duration, and written back by `save_frames` as an animation of the same timing
@@ -68,13 +67,12 @@ def load_image(path):
     path = Path(path)
     try:
         with _open(path) as im:
-            fmt = im.format  # read from the file's bytes, not its name ("JPEG": the noise estimate needs to know)
             im = ImageOps.exif_transpose(im)  # rotate JPEGs to how they are meant to be seen
             im.load()
     except READ_ERRORS as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
-    info = {"size": im.size, "icc_profile": im.info.get("icc_profile"), "alpha": None, "format": fmt}
+    info = {"size": im.size, "icc_profile": im.info.get("icc_profile"), "alpha": None}
     mode = im.mode
     if mode == "P" and "transparency" in im.info or mode == "PA":
         im, mode = im.convert("RGBA"), "RGBA"

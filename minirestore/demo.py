@@ -137,7 +137,7 @@ class Restorer:
                     prompts = load_prompts(self.backbone, files)
                     self.prepared[degradations, t0] = (prompts, *bridge_for(prompts, t0, files[0]))
                 prompts, bridge, auto = self.prepared[degradations, t0]
-                bridge, note = at_input(bridge, auto, prompts[0].meta, x, jpeg=info.get("format") == "JPEG")
+                bridge, note = at_input(bridge, auto, prompts[0].meta, x)
                 total = steps * self.samples * len(prompts) * self._batches(x)
 
                 def tick():

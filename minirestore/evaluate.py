@@ -120,16 +120,11 @@ def prompt_files(items, specs, model):
 # -- inputs, scores, outputs ---------------------------------------------------------------------------
 
 def load(paths, clip, ypt_size, frames):
-    """(x, jpeg): an image [3, H, W] or a clip [T, 3, H, W] in [0, 1], natively or as the release loads it;
-    jpeg: a native image read from a JPEG file (its noise is estimated differently, strength.noise_sigma)."""
+    """An image [3, H, W] or a clip [T, 3, H, W] in [0, 1], natively or as the release loads it."""
     if not clip:
-        if ypt_size is not None:
-            return protocol.load_resized(paths, ypt_size), False
-        x, info = load_image(paths)
-        return x, info["format"] == "JPEG"
+        return load_image(paths)[0] if ypt_size is None else protocol.load_resized(paths, ypt_size)
     paths = paths[:frames]
-    return torch.stack([load_image(p)[0] if ypt_size is None else protocol.load_resized(p, ypt_size)
-                        for p in paths]), False
+    return torch.stack([load_image(p)[0] if ypt_size is None else protocol.load_resized(p, ypt_size) for p in paths])
 
 
 def scores(pred, gt, names, y, fns):
@@ -276,13 +271,13 @@ def main(argv=None):
                 if ypt:  # the release draws posterior noise for every item's input and target, in list order
                     stream.skip(latent_shape(min(len(it.input), args.frames) if it.clip else 0), draws=2)
                 continue
-            x, jpeg = load(it.input, it.clip, size, args.frames)
-            gt = None if it.target is None else load(it.target, it.clip, size, args.frames)[0]
+            x = load(it.input, it.clip, size, args.frames)
+            gt = None if it.target is None else load(it.target, it.clip, size, args.frames)
             if gt is not None and gt.shape != x.shape:
                 raise UserError(f"{it.key}: the input is {tuple(x.shape)}, its reference {tuple(gt.shape)}: native "
                                 "scoring needs equal sizes (--protocol ypt resizes both)")
             prompts, bridge, auto = sets[files[it.key]]
-            b, _ = at_input(bridge, auto, prompts[0].meta, x, jpeg=jpeg)
+            b, _ = at_input(bridge, auto, prompts[0].meta, x)
             restored = restore(backbone, prompts, b, x, steps, args.seed, tile=tile, ypt=stream, samples=samples,
                                spin=spin)
             if ypt:  # the release encodes the target too (for a latent loss): one more posterior draw

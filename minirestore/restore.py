@@ -175,13 +175,11 @@ def bridge_for(prompts, t0=None, source=""):
     return bridge, auto
 
 
-def at_input(bridge, auto, meta, x, jpeg=False):
-    """(bridge, note) for one input: adaptive T0 from its estimated strength through the prompt's curve.
-    jpeg: the input was a JPEG file (load_image's info["format"]), whose noise is estimated differently."""
+def at_input(bridge, auto, meta, x):
+    """(bridge, note) for one input: adaptive T0 from its estimated strength through the prompt's curve."""
     if not auto:
         return bridge, f"T0 {bridge.T0:g}"
     from .strength import auto_T0
 
-    T0, strength = auto_T0(meta, x, jpeg=jpeg)
-    return bridge.at(T0), (f"estimated {meta['degradation']} strength {strength:.4f} -> T0 {T0:.3f}"
-                           + (" (a JPEG file: read with its luma at 2 x 2 too)" if jpeg else ""))
+    T0, strength = auto_T0(meta, x)
+    return bridge.at(T0), f"estimated {meta['degradation']} strength {strength:.4f} -> T0 {T0:.3f}"

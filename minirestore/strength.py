@@ -10,9 +10,9 @@ job's T0 0.6 noise prompt restores light noise best from T0 0.1 to 0.25 (train.p
      (four unit-variance terms / 2) and cancels any locally linear image, so
          sigma_hat = median(|HH|) / 0.6745           (0.6745 = the median of |N(0, 1)|)
      It reads fine texture as noise (overestimates on detailed, clean photos) and underestimates noise that
-     is clipped at 0 and 1 or not white (demosaicked). A JPEG file is read differently (noise_sigma's jpeg):
-     its encoder zeroes most of the finest band and averages chroma over 2 x 2, so this band sees as little as
-     a seventh of the noise, and T0 would come out far too small; luma one scale up is read too;
+     is clipped at 0 and 1 or not white (JPEG'd, demosaicked). A JPEG file's encoder empties much of this
+     band; reading its luma one scale up too was tried and dropped: better on val photographs, a loss on the
+     test ones at quality 90 (benchmarks/photos/README.md, "JPEG files"; benchmarks/jpeg_noise.py);
   2. a curve T0 = curve(s): train.py restores validation images degraded at a ladder of strengths with
      every T0 of a grid, keeps the best T0 of each rung (refined by a parabola through the best grid
      point and its neighbours), and stores the points (mean s of the rung, best T0) in the prompt file.
@@ -35,42 +35,16 @@ from .metrics import psnr
 MAD_TO_STD = 0.6745  # median |z| of z ~ N(0, 1)
 
 
-LUMA = (0.299, 0.587, 0.114)  # JPEG's luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R 601)
-LUMA_SHARE = sum(w * w for w in LUMA) ** 0.5  # 0.6685: Y's std when R, G, B each carry independent unit noise
-
-
-def _hh_sigma(x):
-    """median(|HH|) / 0.6745 of the finest diagonal Haar band of x [B, C, H, W], all channels pooled -> [B]."""
-    x = x[..., :x.shape[-2] // 2 * 2, :x.shape[-1] // 2 * 2]
+def noise_sigma(x):
+    """Noise std estimate of images x [B, 3, H, W] (or one [3, H, W]) in [0, 1] -> [B] fp32 (sigma_hat above).
+    Every channel's HH coefficients are pooled; odd last rows/columns are dropped."""
+    x = (x[None] if x.dim() == 3 else x).float()
+    H, W = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    if H < 2 or W < 2:
+        raise ValueError(f"an image of {x.shape[-1]}x{x.shape[-2]} pixels is too small to estimate its noise")
+    x = x[..., :H, :W]
     hh = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
     return hh.abs().flatten(1).median(dim=1).values / MAD_TO_STD
-
-
-def noise_sigma(x, jpeg=False):
-    """Noise std estimate of images x [B, 3, H, W] (or one [3, H, W]) in [0, 1] -> [B] fp32 (sigma_hat above).
-    Every channel's HH coefficients are pooled; odd last rows/columns are dropped.
-
-    jpeg: x was decoded from a JPEG file. Its encoder quantized the finest luma band (mostly to zero) and kept
-    chroma at half resolution (4:2:0), so the noise it leaves is coloured: the finest band reads a part of it
-    (a third at quality 75, noise 0.05), while luma one scale up reads about all the noise there was before
-    encoding: Y, 2 x 2 means (white noise's std halves), the same HH rule, luma's share undone,
-        sigma_coarse = 2 median(|HH(mean2x2(Y))|) / 0.6745 / 0.6685
-    (a grey image, R = G = B, has all of its noise in Y: no share to undo). The T0 that restores such a file
-    best lies between what the two readings ask for; their root mean square
-        sigma_hat = sqrt((sigma_fine^2 + sigma_coarse^2) / 2)
-    did best of {fine, coarse, this, 3/4 fine^2 + 1/4 coarse^2} on val photographs (benchmarks/photos/README.md,
-    "JPEG files")."""
-    x = (x[None] if x.dim() == 3 else x).float()
-    need = 4 if jpeg else 2
-    if x.shape[-2] < need or x.shape[-1] < need:
-        raise ValueError(f"an image of {x.shape[-1]}x{x.shape[-2]} pixels is too small to estimate its noise")
-    fine = _hh_sigma(x)
-    if not jpeg:
-        return fine
-    grey = (x == x[:, :1]).flatten(1).all(dim=1)  # [B]
-    luma = sum(w * x[:, c:c + 1] for c, w in enumerate(LUMA)) / torch.where(grey, 1.0, LUMA_SHARE)[:, None, None, None]
-    coarse = _hh_sigma(torch.nn.functional.avg_pool2d(luma[..., :x.shape[-2] // 4 * 4, :x.shape[-1] // 4 * 4], 2) * 2)
-    return ((fine ** 2 + coarse ** 2) / 2).sqrt()
 
 
 ESTIMATORS = {"noise": noise_sigma}  # degradation -> strength estimate of the degraded images [B]
@@ -82,14 +56,13 @@ def curve_T0(curve, s):
     return float(np.interp(s, curve["strength"], curve["T0"]))
 
 
-def auto_T0(meta, x, jpeg=False):
+def auto_T0(meta, x):
     """(T0, strength) for one input x ([3, H, W] image or [T, 3, H, W] clip) from a prompt file's metadata;
-    (None, None) when the prompt has no curve (trained at one T0, or a degradation with no estimator).
-    jpeg: x was read from a JPEG file (the estimator reads it as noise_sigma's jpeg says)."""
+    (None, None) when the prompt has no curve (trained at one T0, or a degradation with no estimator)."""
     if "T0_curve" not in meta:
         return None, None
     curve = json.loads(meta["T0_curve"])
-    s = ESTIMATORS[curve["degradation"]](x, jpeg=jpeg).mean().item()
+    s = ESTIMATORS[curve["degradation"]](x).mean().item()
     return curve_T0(curve, s), s
 
 

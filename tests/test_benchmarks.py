@@ -97,6 +97,49 @@ def test_scaling_benchmark_one_process(tmp_path):
     assert list(tmp_path.iterdir()) == []  # runs, prompt files and the backbone live in a removed temp dir
 
 
+def load_jpeg_noise():
+    spec = importlib.util.spec_from_file_location("bench_jpeg_noise", ROOT / "benchmarks" / "jpeg_noise.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("sigma", [0.03, 0.1])
+def test_luma_reading_is_unbiased_on_white_noise(sigma):
+    """jpeg_noise.luma_sigma (luma, 2 x 2 means, the luma share undone) recovers white noise as the plain MAD rule
+    does, on colour images and on grey ones (R = G = B: all of the noise is in luma, no share to undo)."""
+    import torch
+    from test_strength import smooth_images
+
+    luma_sigma = load_jpeg_noise().luma_sigma
+    x = smooth_images(size=192)  # the luma reading has a quarter of one channel's coefficients: a larger image
+    g = torch.Generator().manual_seed(2)
+    colour = x + sigma * torch.randn(x.shape, generator=g)
+    grey = x[:, :1] + sigma * torch.randn(x[:, :1].shape, generator=g)
+    assert torch.allclose(luma_sigma(colour), torch.full((4,), sigma), rtol=0.08)
+    assert torch.allclose(luma_sigma(grey.expand(-1, 3, -1, -1)), torch.full((4,), sigma), rtol=0.08)
+    with pytest.raises(ValueError, match="too small"):
+        luma_sigma(x[..., :3, :8])
+
+
+@pytest.mark.parametrize("quality", [50, 75, 90])
+def test_luma_reading_finds_the_noise_a_jpeg_file_hides(quality):
+    """Noise 0.1 then a JPEG round trip (PIL, 4:2:0): the finest band alone (strength.noise_sigma) has lost over a
+    fifth of it (two thirds at quality 50); the rms reading, which adds luma one scale up, finds most of it back."""
+    import torch
+    from test_strength import smooth_images
+
+    from minirestore.degrade import jpeg
+    from minirestore.strength import noise_sigma
+
+    x = smooth_images(size=192)
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    y = jpeg(noisy, generator=0, quality=quality)
+    fine, read = noise_sigma(y), load_jpeg_noise().rms_sigma(y)
+    assert (fine < 0.08).all() and (read > 1.15 * fine).all(), (fine, read)
+    assert ((read > 0.065) & (read < 0.105)).all(), read
+
+
 def test_jpeg_noise_benchmark_scores_each_reading_by_the_T0_it_picks(real_photos, tmp_path):
     """benchmarks/jpeg_noise.py: every reading gets a PSNR read off the crops' T0 grid (so between the grid's worst
     and best), the coarse reading is above the fine one on a JPEG, and a bad --grid is one line."""

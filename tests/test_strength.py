@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from minirestore.degrade import filter2d, gaussian_kernels, jpeg
+from minirestore.degrade import filter2d, gaussian_kernels
 from minirestore.strength import auto_T0, best_T0, calibrate, curve_T0, noise_sigma
 
 
@@ -33,30 +33,6 @@ def test_noise_estimate_of_a_clean_image_is_small_and_single_images_work():
     assert noise_sigma(x[:, :33, :31]).shape == (1,)  # odd sizes: the last row / column is dropped
     with pytest.raises(ValueError, match="too small"):
         noise_sigma(x[:, :1, :5])
-
-
-@pytest.mark.parametrize("sigma", [0.03, 0.1])
-def test_jpeg_estimate_is_unbiased_on_white_noise(sigma):
-    """The JPEG reading (luma, 2 x 2 means, the luma share undone) recovers white noise as the plain one does,
-    on colour images and on grey ones (R = G = B: all of the noise is in luma, no share to undo)."""
-    x = smooth_images(size=192)  # the JPEG reading has a quarter of one channel's coefficients: a larger image
-    g = torch.Generator().manual_seed(2)
-    colour = x + sigma * torch.randn(x.shape, generator=g)
-    grey = x[:, :1] + sigma * torch.randn(x[:, :1].shape, generator=g)
-    assert torch.allclose(noise_sigma(colour, jpeg=True), torch.full((4,), sigma), rtol=0.08)
-    assert torch.allclose(noise_sigma(grey.expand(-1, 3, -1, -1), jpeg=True), torch.full((4,), sigma), rtol=0.08)
-
-
-@pytest.mark.parametrize("quality", [50, 75, 90])
-def test_jpeg_estimate_reads_the_noise_a_jpeg_file_hides(quality):
-    """Noise 0.1 then a JPEG round trip (PIL, 4:2:0): the finest band alone has lost over a fifth of it (two thirds
-    at quality 50); the JPEG reading, which adds luma one scale up, finds most of it back."""
-    x = smooth_images(size=192)
-    noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
-    y = jpeg(noisy, generator=0, quality=quality)
-    fine, read = noise_sigma(y), noise_sigma(y, jpeg=True)
-    assert (fine < 0.08).all() and (read > 1.15 * fine).all(), (fine, read)
-    assert ((read > 0.065) & (read < 0.105)).all(), read
 
 
 def test_curve_is_linear_between_points_and_flat_beyond():
