@@ -131,6 +131,15 @@ def test_ebr_sampler_with_the_ideal_velocity_restores_exactly(backbone_dir):
     torch.testing.assert_close(out, X0, atol=1e-4, rtol=1e-4)
 
 
+def ctrl_c_as_in_a_terminal():
+    """preexec_fn of a child that must stop on SIGINT: the default disposition (Python then raises
+    KeyboardInterrupt) and SIGINT unblocked, whatever the test process had."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(backbone_dir, images_dir, tmp_path):
     import signal
     import time
@@ -138,7 +147,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(backbone_dir, images_dir,
     args = [sys.executable, str(ROOT / "train.py"), "--model", str(backbone_dir), "--data", str(images_dir),
             "--resolution", "16", "--steps", "100000", "--val-every", "0", "--val-count", "1", "--val-steps", "1",
             "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "p.safetensors")]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child inherits SIGINT ignored (a suite started with `&` by a shell without job control) or blocked (by a
+    # library thread earlier in the suite): give it Ctrl-C as a terminal would, default handler and unblocked.
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not log.exists() or log.read_text().count('"loss"') < 3):
