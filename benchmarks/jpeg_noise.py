@@ -6,9 +6,9 @@
 A JPEG encoder quantizes the finest luma band (mostly to zero) and keeps chroma at half resolution, so the noise it
 leaves is coloured and the finest Haar band, which the T0 curve was measured against, reads only part of it. This
 scores other readings of a JPEG file on val photographs only (the one chosen here, rms, then lost on the test
-photographs at quality 90, so sample.py reads a JPEG as any image: benchmarks/photos/README.md, "JPEG files"). For every crop (noise sigma, then a
-PIL JPEG round trip at quality q) and every T0 of --grid, the shipped noise prompt restores it with sample.py's
-sampler, and each crop's PSNR at each T0 is kept. Each candidate reading r of a crop picks T0 = curve(r) through the
+photographs at quality 90, so sample.py reads a JPEG as any image: benchmarks/photos/README.md, "JPEG files").
+For every crop (noise sigma, then a PIL JPEG round trip at quality q) and every T0 of --grid, the shipped noise
+prompt restores it with sample.py's sampler, and each crop's PSNR at each T0 is kept. Each candidate reading r of a crop picks T0 = curve(r) through the
 prompt's curve, and its PSNR is read off that crop's grid by linear interpolation:
 
   fine       the finest band, all channels (strength.noise_sigma: what sample.py reads)
@@ -65,8 +65,8 @@ def luma_sigma(x):
 
 
 def rms_sigma(x):
-    """sqrt((fine^2 + coarse^2) / 2): the reading this benchmark chose on val (and the test then rejected)."""
-    return ((noise_sigma(x) ** 2 + luma_sigma(x) ** 2) / 2).sqrt()
+    """READINGS["rms"] of images x: the reading this benchmark chose on val (and the test then rejected)."""
+    return READINGS["rms"](noise_sigma(x), luma_sigma(x))
 
 
 READINGS = {  # name -> reading from (fine, coarse)

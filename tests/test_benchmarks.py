@@ -4,7 +4,6 @@ They check that each script runs end to end, prints its markdown table with the 
 rows, labels CPU numbers as such, and writes a results file only when asked (--write). Timings are
 not asserted (beyond being positive numbers): they depend on the machine.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from minirestore import UserError
+from test_replicate import load  # a benchmark script as a module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,13 +35,6 @@ def markdown_table(text, first_column):
     return rows[0], rows[2:]
 
 
-def load_method():
-    spec = importlib.util.spec_from_file_location("bench_method", ROOT / "benchmarks" / "method.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_method_benchmark_prints_both_modes_and_writes_nothing(tmp_path):
     results = tmp_path / "RESULTS.md"
     r = run("method.py", "--model", "tiny", "--repeats", "1", "--warmup", "0", "--sample-steps", "2",
@@ -59,7 +52,7 @@ def test_method_benchmark_prints_both_modes_and_writes_nothing(tmp_path):
 
 
 def test_method_benchmark_write_appends_a_labelled_section(tmp_path, monkeypatch):
-    method = load_method()
+    method = load("method")
     results = tmp_path / "RESULTS.md"
     results.write_text("# earlier results\n")
     monkeypatch.setenv("MINIRESTORE_KERNELS", "auto")
@@ -77,7 +70,7 @@ def test_method_benchmark_write_appends_a_labelled_section(tmp_path, monkeypatch
 
 
 def test_method_benchmark_refuses_real_size_on_the_cpu():
-    method = load_method()
+    method = load("method")
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         method.main(["--model", "flux-dev", "--device", "cpu"])
     with pytest.raises(UserError, match="multiple of 16"):
@@ -97,13 +90,6 @@ def test_scaling_benchmark_one_process(tmp_path):
     assert list(tmp_path.iterdir()) == []  # runs, prompt files and the backbone live in a removed temp dir
 
 
-def load_jpeg_noise():
-    spec = importlib.util.spec_from_file_location("bench_jpeg_noise", ROOT / "benchmarks" / "jpeg_noise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("sigma", [0.03, 0.1])
 def test_luma_reading_is_unbiased_on_white_noise(sigma):
     """jpeg_noise.luma_sigma (luma, 2 x 2 means, the luma share undone) recovers white noise as the plain MAD rule
@@ -111,7 +97,7 @@ def test_luma_reading_is_unbiased_on_white_noise(sigma):
     import torch
     from test_strength import smooth_images
 
-    luma_sigma = load_jpeg_noise().luma_sigma
+    luma_sigma = load("jpeg_noise").luma_sigma
     x = smooth_images(size=192)  # the luma reading has a quarter of one channel's coefficients: a larger image
     g = torch.Generator().manual_seed(2)
     colour = x + sigma * torch.randn(x.shape, generator=g)
@@ -135,7 +121,7 @@ def test_luma_reading_finds_the_noise_a_jpeg_file_hides(quality):
     x = smooth_images(size=192)
     noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
     y = jpeg(noisy, generator=0, quality=quality)
-    fine, read = noise_sigma(y), load_jpeg_noise().rms_sigma(y)
+    fine, read = noise_sigma(y), load("jpeg_noise").rms_sigma(y)
     assert (fine < 0.08).all() and (read > 1.15 * fine).all(), (fine, read)
     assert ((read > 0.065) & (read < 0.105)).all(), read
 
