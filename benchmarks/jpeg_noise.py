@@ -8,8 +8,9 @@ leaves is coloured and the finest Haar band, which the T0 curve was measured aga
 scores other readings of a JPEG file on val photographs only (the one chosen here, rms, then lost on the test
 photographs at quality 90, so sample.py reads a JPEG as any image: benchmarks/photos/README.md, "JPEG files").
 For every crop (noise sigma, then a PIL JPEG round trip at quality q) and every T0 of --grid, the shipped noise
-prompt restores it with sample.py's sampler, and each crop's PSNR at each T0 is kept. Each candidate reading r of a crop picks T0 = curve(r) through the
-prompt's curve, and its PSNR is read off that crop's grid by linear interpolation:
+prompt restores it with sample.py's sampler, and each crop's PSNR at each T0 is kept. Each candidate reading r of a
+crop picks T0 = curve(r) through the prompt's curve, and its PSNR is read off that crop's grid by linear
+interpolation:
 
   fine       the finest band, all channels (strength.noise_sigma: what sample.py reads)
   coarse     luma at 2 x 2, luma's share undone (luma_sigma below)
