@@ -308,6 +308,24 @@ def test_photos_benchmark_levels_and_their_filter():
         photos.parse_args(["--level", "sigma 0.3"])
 
 
+def test_photos_bridge_pairs_every_ebr_prompt_with_every_baseline():
+    """photos.py's bridge table: each bridge at its own T0, so EBR at T0 0.8 is paired with DDBM at 0.4 too; the
+    difference is taken crop by crop (paired), not between means."""
+    photos = load("photos")
+    learned = [("ebr", 0.8, 0), ("ddbm", 0.4, 1), ("naive", 0.8, 2), ("ebr", 0.6, 3)]
+    methods = [(f"m{i}", None, "") for i in range(4)]
+    scores = [torch.tensor([20.0, 22.0, 24.0]), torch.tensor([21.0, 21.0, 21.0]), torch.tensor([19.0, 23.0, 24.0]),
+              torch.tensor([18.0, 18.0, 18.0])]
+    pairs = photos.bridge_pairs(learned, methods, scores)
+    assert [(p["ebr"], p["other"], p["T0"], p["baseline_T0"], p["baseline"]) for p in pairs] == [
+        ("m0", "m1", 0.8, 0.4, "ddbm"), ("m0", "m2", 0.8, 0.8, "naive"),
+        ("m3", "m1", 0.6, 0.4, "ddbm"), ("m3", "m2", 0.6, 0.8, "naive")]
+    mean, half = pairs[1]["dpsnr"]  # differences 1, -1, 0: mean 0, an interval from their spread
+    assert mean == pytest.approx(0.0) and half == pytest.approx(1.96 / math.sqrt(3))
+    assert pairs[0]["dpsnr"][0] == pytest.approx(1.0) and pairs[2]["dpsnr"] == (pytest.approx(-3.0), 0.0)
+    assert "| 0.8 / 0.4 |" in photos.bridge_table([dict(degradation="haze", level="", size=64, n=3, **pairs[0])])
+
+
 def test_bridges_benchmark_picks_each_bridge_on_val(fake_photos, tmp_path):
     """bridges.py: every bridge's pick is its best (prompt, sampler) on the val crops, and the test table pairs the
     picks; a degradation without a prompt of some bridge is refused by name."""
