@@ -9,6 +9,7 @@ Only the prompt P [1, K, D] and the per-block gates alpha train. Each step:
     x_t = a(t) X0 + A(t) Y + B(t) eps                    the bridge state (bridge.py; EBR by default)
     v = F(x_t, tau(t); P, alpha)                         frozen transformer with the prompt added
     loss = || x_t - tau v - X0 ||^2                      x0-MSE on latents
+                                                         (--x0 ebridge: || (x_t - A Y - tau v) / (1 - A) - X0 ||^2)
 --t0 LOW:HIGH trains one prompt over many horizons (T0 ~ U(LOW, HIGH) per sample, bridge.py) and then
 measures on the validation images which T0 each strength wants: the curve sample.py --t0 auto follows,
 measured with sample.py's sampler for the backbone (--sample-steps x --samples; 20 one-step samples on the tiny default).
@@ -31,7 +32,7 @@ import torch
 from minirestore import UserError
 from minirestore.cli import Help, run, spin_period, writable_folder
 from minirestore.backbone import add_memory_flags, load_backbone
-from minirestore.bridge import KINDS, Bridge
+from minirestore.bridge import KINDS, X0_ESTIMATES, Bridge
 from minirestore.data import (CleanFolder, CleanPhotos, ClipFolder, PairedFolder, is_clip_folder, parse_resolution,
                               save_image, split)
 from minirestore.degrade import parse
@@ -67,6 +68,9 @@ def parse_args(argv=None):
                    "uniform (the paper's); < 1 puts more steps near T0, where sample.py's one-step samples query the "
                    "model (a prompt file records its pow in its metadata)")
     p.add_argument("--bridge", choices=KINDS, default="ebr", help="training states: the method (ebr) or a baseline")
+    p.add_argument("--x0", choices=X0_ESTIMATES, default="ypt", help="clean estimate from the velocity: ypt "
+                   "(x_t - t v, the released code's) or ebridge ((x_t - A Y - t v) / (1 - A), the E-Bridge paper's, "
+                   "which gives the prompt reach at a short T0; bridge.py)")
     p.add_argument("--ddbm-sigma", type=float, default=1.0, help="noise scale of the ddbm baseline's Brownian bridge")
     p.add_argument("--data", help="a folder of clean images (degraded on the fly), a paired folder with clean/ and "
                    "degraded/, or clips for Wan (default for tiny: crops of its training photographs, validated on the "
@@ -168,7 +172,8 @@ def validate(backbone, bank, bridge, val_set, steps, seed, world):
             eps = torch.randn(Y.shape, generator=g).to(Y.device)
             x_t = bridge.make_state(X0, Y, t.item(), eps)
             tau = torch.full((1,), float(bridge.model_time(t.item())), device=Y.device)
-            losses.append(bridge.loss(bridge.x0_from_velocity(x_t, t.item(), backbone.velocity(x_t, tau, bank)), X0).item())
+            x0_hat = bridge.x0_from_velocity(x_t, t.item(), backbone.velocity(x_t, tau, bank), Y)
+            losses.append(bridge.loss(x0_hat, X0).item())
         restored = backbone.decode(bridge.sample(lambda x, tau: backbone.velocity(x, tau, bank), Y, steps, generator=g))
         restored = restored.cpu()
         if clean.dim() == 5:  # a clip [1, 3, T, H, W]: score every frame, preview the middle one
@@ -271,8 +276,7 @@ def recalibrate(args):
         T0_range = parse_t0(meta["T0_range"]) if "T0_range" in meta else None
         resolution = parse_resolution(meta.get("resolution", "64"))
         args.seed = int(meta.get("seed", args.seed))  # the validation images and start noises training used
-        bridge = Bridge(meta.get("bridge", "ebr"), float(meta["T0"]), float(meta.get("t_min", 1e-4)),
-                        sigma=float(meta.get("ddbm_sigma", 1.0)), T0_range=T0_range)
+        bridge = Bridge.from_meta(meta, T0_range=T0_range)
     except (argparse.ArgumentTypeError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--recalibrate {src}: unreadable metadata ({e})") from None
     out = Path(args.out or src)
@@ -313,7 +317,7 @@ def main(argv=None):
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     T0_range = args.t0 if isinstance(args.t0, tuple) else None
     bridge = Bridge(args.bridge, sum(T0_range) / 2 if T0_range else args.t0, args.t_min, args.pow, args.ddbm_sigma,
-                    T0_range)  # a range validates at its midpoint until calibrate() picks the default
+                    T0_range, args.x0)  # a range validates at its midpoint until calibrate() picks the default
     data = None if args.data is None else Path(args.data)
     if data is not None and not data.is_dir():
         raise UserError(f"--data {data}: no such folder")
@@ -373,8 +377,8 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         print(f"resuming {ckpt_path} at step {start}")
-    meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, T0=bridge.T0, t_min=args.t_min,
-                pow=args.pow, ddbm_sigma=args.ddbm_sigma,
+    meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, x0=args.x0, T0=bridge.T0,
+                t_min=args.t_min, pow=args.pow, ddbm_sigma=args.ddbm_sigma,
                 resolution=resolution if isinstance(resolution, int) else "x".join(map(str, resolution)), lr=lr,
                 batch_size=args.batch_size, seed=args.seed)
 
@@ -419,7 +423,7 @@ def main(argv=None):
             eps = torch.stack([torch.randn(X0.shape[1:], generator=g) for g in gens]).to(X0.device)
             x_t = b.make_state(X0, Y, t, eps)
             v = backbone.velocity(x_t, b.model_time(t), bank)
-            loss = b.loss(b.x0_from_velocity(x_t, t, v), X0)
+            loss = b.loss(b.x0_from_velocity(x_t, t, v, Y), X0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(bank.parameters(), world)  # mean over processes = the global batch's gradient

@@ -121,7 +121,7 @@ def train_step(backbone, bank, opt, bridge, clean, degraded, generator):
     eps = torch.randn(X0.shape, generator=generator).to(X0.device)
     x_t = bridge.make_state(X0, Y, t, eps)
     v = backbone.velocity(x_t, bridge.model_time(t), bank)
-    loss = bridge.loss(bridge.x0_from_velocity(x_t, t, v), X0)
+    loss = bridge.loss(bridge.x0_from_velocity(x_t, t, v, Y), X0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

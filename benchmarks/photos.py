@@ -223,9 +223,10 @@ def evaluate(args, backbone, degradation, level, size, n, val_photos, test_photo
         b, (s, k) = prompt_bridge(bank), sampler or (S, K)
         own = [auto_T0(bank.meta, x)[0] for x in degraded] if "T0_curve" in bank.meta else None  # as sample.py
         when = f"T0 {b.T0:g}" if own is None else f"auto T0 {np.mean(own):.2f}"
-        methods.append((f"{name} ({b.kind}, {when}" + (f", {k} x {s} steps)" if sampler else ")"),
+        kind = b.kind + (f", {b.x0} estimate" if b.x0 != "ypt" else "")
+        methods.append((f"{name} ({kind}, {when}" + (f", {k} x {s} steps)" if sampler else ")"),
                         restore_set(backbone, bank, b, degraded, s, T0s=own, samples=k, spin=P), str(path)))
-        if own is None:
+        if own is None and b.x0 == "ypt":  # the bridge comparison holds the estimate fixed, as the paper does
             learned.append((b.kind, b.T0, len(methods) - 1))
     ref = psnr(restored, clean)
     rows, scores = [], [psnr(x, clean) for _, x, _ in methods]

@@ -254,7 +254,7 @@ def train_tokens(args, backbone, text, ids, degradation, data_dir):
         eps = torch.stack([torch.randn(X0.shape[1:], generator=g) for g in gens]).to(X0.device)
         x_t = bridge.make_state(X0, Y, t, eps)
         view = replace(backbone, context=token_context(text, ids, tokens))
-        loss = bridge.loss(bridge.x0_from_velocity(x_t, t, view.velocity(x_t, bridge.model_time(t), None)), X0)
+        loss = bridge.loss(bridge.x0_from_velocity(x_t, t, view.velocity(x_t, bridge.model_time(t), None), Y), X0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -319,9 +319,7 @@ def restore_set(backbone, bank, bridge, degraded, steps, batch=16, T0s=None, sam
 
 def prompt_bridge(bank):
     """The bridge a prompt was trained with, read from its file (as sample.py does)."""
-    m = bank.meta
-    return Bridge(m.get("bridge", "ebr"), float(m["T0"]), float(m.get("t_min", 1e-4)),
-                  sigma=float(m.get("ddbm_sigma", 1.0)))
+    return Bridge.from_meta(bank.meta)
 
 
 def interval(values):

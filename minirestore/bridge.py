@@ -6,9 +6,21 @@ t = bridge time in [t_min, T0] (0 = clean). Every bridge state is linear in (X0,
     x_t = a(t) * X0 + A(t) * Y + B(t) * eps
 
 and the frozen backbone, a rectified-flow model, reads it at its own time tau = model_time(t) and
-returns a velocity v. All three bridges turn v into a clean estimate the same way the released YPT
-code does for EBR (paper.md 4.3), x0_hat = x_t - tau * v, and train with MSE(x0_hat, X0) on latents.
-The prompt therefore has to remove the degradation: no term subtracts A(t) * Y for it.
+returns a velocity v. Training is MSE(x0_hat, X0) on latents, with one of two clean estimates (`x0`):
+
+  ypt      x0_hat = x_t - tau * v                          the released YPT code's (paper.md 4.3), default
+  ebridge  x0_hat = (x_t - A(t) * Y - tau * v) / C(t),  C = 1 - A = a + B     the E-Bridge paper's (paper.md 9)
+
+Both return the anchor the frozen model denoises to when it knows nothing of the degradation (an unprompted
+model gives x0_hat = Y at t = T0 either way), and differ in the prompt's reach: a change dv in the velocity
+moves x0_hat by -tau dv under ypt but by -tau dv / C(t) under ebridge, which is -dv at t = T0 (C(T0) = T0).
+So under ypt the prompt must add the velocity offset (Y - X0) / T0 (paper.md 4.3), 50 times the residual at
+T0 0.02, and under ebridge only Y - X0 whatever T0: a short bridge, which keeps the detail, still reaches.
+But 1 / C(T0) multiplies the frozen model's own error as well (if it denoises the start state to Y + e, the
+estimate is Y + e / T0), and no prompt cancels an error that changes with every noise draw: on the tiny
+default ebridge lost 8.8 dB on blur at T0 0.05 and tied ypt on low light at T0 0.6 (benchmarks/photos/README.md,
+"The E-Bridge paper's estimate"), so ypt is the default. ebridge needs the sampler to walk the training states,
+so it goes with ebr and ddbm, not naive.
 
   ebr    X_t = (1 - t) * ((1 - t/T0) * X0 + (t/T0) * Y) + t * eps            (EBR "Eq. 10", YPT utils.py)
          a = (1 - t)(1 - t/T0), A = (1 - t) t/T0, B = t; tau = t.
@@ -54,6 +66,7 @@ from tqdm.auto import tqdm
 from . import UserError
 
 KINDS = ("ebr", "naive", "ddbm")
+X0_ESTIMATES = ("ypt", "ebridge")
 
 
 @dataclass
@@ -65,10 +78,16 @@ class Bridge:
     sigma: float = 1.0    # ddbm only: Brownian-bridge noise scale, noise std b = sigma sqrt(s (1 - s))
     T0_range: tuple = None  # (lo, hi): train over horizons T0 ~ U(lo, hi), one per sample; T0 is then the
                             # sampling default (adaptive T0, see the module docstring)
+    x0: str = "ypt"       # clean estimate from v: "ypt" x_t - tau v, or "ebridge" (x_t - A Y - tau v) / (1 - A)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise UserError(f"unknown bridge {self.kind!r}: choose one of {', '.join(KINDS)}")
+        if self.x0 not in X0_ESTIMATES:
+            raise UserError(f"unknown clean estimate {self.x0!r}: choose one of {', '.join(X0_ESTIMATES)}")
+        if self.x0 == "ebridge" and self.kind == "naive":  # its sampler leaves the training states (sampler_coeffs)
+            raise UserError("the ebridge estimate subtracts the training state's A(t) Y, and the naive bridge's "
+                            "sampler walks other states: train naive with --x0 ypt")
         if not 0.0 < self.T0 <= 1.0:
             raise UserError(f"T0 must be in (0, 1], got {self.T0}: pass e.g. --t0 0.4")
         if self.T0_range is not None:
@@ -81,6 +100,13 @@ class Bridge:
             raise UserError(f"the time-sampling power must be positive, got {self.pow}")
         if self.sigma <= 0:
             raise UserError(f"the DDBM noise scale sigma must be positive, got {self.sigma}")
+
+    @classmethod
+    def from_meta(cls, meta, T0=None, T0_range=None):
+        """The bridge a prompt file's metadata records (train.py writes it), at horizon T0 (default: the file's).
+        Files from before the ebridge estimate have no "x0" entry: they were trained with ypt's."""
+        return cls(meta.get("bridge", "ebr"), float(meta["T0"] if T0 is None else T0), float(meta.get("t_min", 1e-4)),
+                   sigma=float(meta.get("ddbm_sigma", 1.0)), T0_range=T0_range, x0=meta.get("x0", "ypt"))
 
     # -- the state x_t = a X0 + A Y + B eps ----------------------------------------------------
 
@@ -121,18 +147,29 @@ class Bridge:
         x_t = a * X0.float() + A * Y.float() + B * eps.float()
         return x_t.to(X0.dtype)
 
-    def velocity_target(self, x_t, t, X0):
-        """The velocity v* for which x0_hat = X0 exactly: F* = (x_t - X0) / tau, with tau = model_time(t).
-        For ebr this is (eps - X0) + ((1 - t)/T0)(Y - X0) (paper.md 4.3)."""
-        tau = _per_sample(self.model_time(_as_tensor(t, x_t)), x_t)
-        return ((x_t.float() - X0.float()) / tau).to(x_t.dtype)
+    def _A_x0(self, t, like):
+        """The A(t) that the clean estimate subtracts, shaped against `like`: A(t) for ebridge, 0 for ypt."""
+        if self.x0 == "ypt":
+            return 0.0
+        return _per_sample(self.coeffs(_as_tensor(t, like))[1], like)
 
-    def x0_from_velocity(self, x_t, t, v):
-        """x0_hat = x_t - tau * v (plain rectified-flow x0 from velocity; the released code's choice
-        for EBR, paper.md 4.3, used for all three bridges so they differ only in their states).
-        t is the bridge time [B] or a float; returned in fp32."""
+    def velocity_target(self, x_t, t, X0, Y):
+        """The velocity v* for which x0_hat = X0 exactly: tau v* = x_t - A Y - (1 - A) X0 (A = 0 for ypt).
+        For ebr under ypt this is (eps - X0) + ((1 - t)/T0)(Y - X0) (paper.md 4.3)."""
         tau = _per_sample(self.model_time(_as_tensor(t, x_t)), x_t)
-        return x_t.float() - tau * v.float()
+        A = self._A_x0(t, x_t)
+        return ((x_t.float() - A * Y.float() - (1 - A) * X0.float()) / tau).to(x_t.dtype)
+
+    def x0_from_velocity(self, x_t, t, v, Y):
+        """x0_hat = (x_t - A Y - tau v) / (1 - A), with A = 0 for ypt (plain rectified flow, the released
+        code's choice for EBR, paper.md 4.3) and A = A(t) for ebridge (the E-Bridge paper's, paper.md 9); the
+        same for all three bridges, so they differ only in their states. t is the bridge time [B] or a float;
+        Y the degraded latent; returned in fp32."""
+        tau = _per_sample(self.model_time(_as_tensor(t, x_t)), x_t)
+        if self.x0 == "ypt":
+            return x_t.float() - tau * v.float()
+        A = self._A_x0(t, x_t)
+        return (x_t.float() - A * Y.float() - tau * v.float()) / (1 - A)
 
     @staticmethod
     def loss(x0_hat, X0):
@@ -201,7 +238,7 @@ class Bridge:
         X = self.make_state(Y, Y, ts[0], eps)
         for i, t in enumerate(tqdm(ts, desc="sampling", disable=not progress)):
             tau = torch.full((Y.shape[0],), float(self.model_time(t)), device=Y.device)
-            x0_hat = self.x0_from_velocity(X, t, velocity_fn(X, tau))
+            x0_hat = self.x0_from_velocity(X, t, velocity_fn(X, tau), Y)
             if i + 1 == len(ts):
                 break
             a, A, B = self.sampler_coeffs(t)

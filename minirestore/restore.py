@@ -162,12 +162,12 @@ def bridge_for(prompts, t0=None, source=""):
     auto: choose T0 per input (t0 "auto", the default for a prompt with a T0 curve)."""
     from .bridge import Bridge
 
-    kinds = {b.meta.get("bridge", "ebr") for b in prompts}
+    kinds = {f'{b.meta.get("bridge", "ebr")} ({b.meta.get("x0", "ypt")} estimate)' for b in prompts}
     if len(kinds) > 1:
         raise UserError(f"the prompts were trained with different bridges ({', '.join(sorted(kinds))}); mix only one kind")
     meta = prompts[0].meta  # with several prompts, the first one's T0 (or T0 curve) is used
     T0 = t0 if t0 not in (None, "auto") else float(meta.get("T0", 0.4))
-    bridge = Bridge(kinds.pop(), T0, float(meta.get("t_min", 1e-4)), sigma=float(meta.get("ddbm_sigma", 1.0)))
+    bridge = Bridge.from_meta(meta, T0)
     auto = t0 == "auto" or (t0 is None and "T0_curve" in meta)
     if auto and "T0_curve" not in meta:
         print(f"--t0 auto: {source} has no T0 curve, so its own T0 {T0:g} is used")

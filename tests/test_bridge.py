@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minirestore import UserError
-from minirestore.bridge import KINDS, Bridge, averaged
+from minirestore.bridge import KINDS, X0_ESTIMATES, Bridge, averaged
 
 SHAPE = (3, 4, 6, 5)  # [B, C, H, W] latents; the bridge is shape-agnostic
 
@@ -14,6 +14,10 @@ def latents(seed=0, shape=SHAPE):
     g = torch.Generator().manual_seed(seed)
     X0, Y, eps = (torch.randn(shape, generator=g) for _ in range(3))
     return X0, Y + 0.5, eps  # Y offset so X0 and Y are clearly different
+
+
+# every bridge with every clean estimate it takes (naive + ebridge is refused: test_bad_settings_are_user_errors)
+PAIRS = [(kind, x0) for kind in KINDS for x0 in X0_ESTIMATES if (kind, x0) != ("naive", "ebridge")]
 
 
 def full(t, n=SHAPE[0]):
@@ -77,45 +81,75 @@ def test_noise_std_equals_model_time(kind):
     torch.testing.assert_close(x_t.mean(dim=0), (a * X0 + A * Y)[0], atol=5 * se, rtol=0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_velocity_target_recovers_x0(kind):
+@pytest.mark.parametrize("kind, x0", PAIRS)
+def test_velocity_target_recovers_x0(kind, x0):
     X0, Y, eps = latents()
-    br = Bridge(kind, T0=0.4)
+    br = Bridge(kind, T0=0.4, x0=x0)
     t = br.sample_t(SHAPE[0], torch.Generator().manual_seed(3)).clamp(max=0.39)
     x_t = br.make_state(X0, Y, t, eps)
-    v = br.velocity_target(x_t, t, X0)
-    torch.testing.assert_close(br.x0_from_velocity(x_t, t, v), X0, rtol=1e-5, atol=1e-5)
-    assert br.loss(br.x0_from_velocity(x_t, t, v), X0).item() < 1e-10
-    assert br.loss(br.x0_from_velocity(x_t, t, torch.zeros_like(v)), X0).item() > 1e-3
-    if kind == "ebr":  # F* = (eps - X0) + ((1 - t)/T0)(Y - X0), paper.md 4.3
-        tt = t.view(-1, 1, 1, 1)
+    v = br.velocity_target(x_t, t, X0, Y)
+    torch.testing.assert_close(br.x0_from_velocity(x_t, t, v, Y), X0, rtol=1e-5, atol=1e-5)
+    assert br.loss(br.x0_from_velocity(x_t, t, v, Y), X0).item() < 1e-10
+    assert br.loss(br.x0_from_velocity(x_t, t, torch.zeros_like(v), Y), X0).item() > 1e-3
+    tt = t.view(-1, 1, 1, 1)
+    if kind == "ebr" and x0 == "ypt":  # F* = (eps - X0) + ((1 - t)/T0)(Y - X0), paper.md 4.3
         torch.testing.assert_close(v, eps - X0 + (1 - tt) / 0.4 * (Y - X0), rtol=1e-4, atol=1e-4)
-    if kind == "naive":  # ordinary RF target eps - X0 plus the pull from Y to X0
-        tt = t.view(-1, 1, 1, 1)
+    if kind == "ebr" and x0 == "ebridge":  # tau v* = x_t - A Y - C X0 = t (eps - X0): the plain RF target
+        torch.testing.assert_close(v, eps - X0, rtol=1e-4, atol=1e-4)
+    if kind == "naive" and x0 == "ypt":  # ordinary RF target eps - X0 plus the pull from Y to X0
         torch.testing.assert_close(v, eps - Y + (Y - X0) / tt, rtol=1e-4, atol=1e-4)
 
 
-def test_x0_from_velocity_is_plain_rectified_flow():
+def test_x0_from_velocity_written_out():
     X0, Y, v = latents()
-    br = Bridge("ebr")
     t = torch.tensor([0.1, 0.2, 0.3])
-    torch.testing.assert_close(br.x0_from_velocity(X0, t, v), X0 - t.view(-1, 1, 1, 1) * v)
+    tt = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(Bridge("ebr").x0_from_velocity(X0, t, v, Y), X0 - tt * v)  # plain rectified flow
     ddbm = Bridge("ddbm")
     tau = ddbm.model_time(t).view(-1, 1, 1, 1)
-    torch.testing.assert_close(ddbm.x0_from_velocity(X0, t, v), X0 - tau * v)
+    torch.testing.assert_close(ddbm.x0_from_velocity(X0, t, v, Y), X0 - tau * v)
+    A = (1 - tt) * tt / 0.4  # EBR's A(t) at T0 0.4; C = 1 - A (paper.md 9)
+    ebridge = Bridge("ebr", x0="ebridge")
+    torch.testing.assert_close(ebridge.x0_from_velocity(X0, t, v, Y), (X0 - A * Y - tt * v) / (1 - A))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("steps", [1, 2, 20])
-def test_sampler_returns_x0_with_ideal_model(kind, steps):
+def test_ebridge_estimate_gives_the_prompt_full_reach_at_T0():
+    """At t = T0 both estimates give Y for the unprompted model's velocity eps - Y (the frozen model
+    denoises the start state to the degraded image), but a velocity change dv moves x0_hat by -T0 dv under
+    ypt and by the whole -dv under ebridge: the offset a prompt must add is (Y - X0) / T0 against Y - X0."""
     X0, Y, eps = latents()
-    br = Bridge(kind, T0=0.4)
+    dv = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    T0 = 0.05
+    x = Bridge("ebr", T0=T0).make_state(X0, Y, T0, eps)
+    for x0, reach in (("ypt", T0), ("ebridge", 1.0)):
+        br = Bridge("ebr", T0=T0, x0=x0)
+        torch.testing.assert_close(br.x0_from_velocity(x, T0, eps - Y, Y), Y, rtol=1e-4, atol=1e-4)
+        moved = br.x0_from_velocity(x, T0, eps - Y + dv, Y) - br.x0_from_velocity(x, T0, eps - Y, Y)
+        torch.testing.assert_close(moved, -reach * dv, rtol=1e-4, atol=1e-4)
+        needed = br.velocity_target(x, T0, X0, Y) - (eps - Y)  # what the prompt has to add
+        torch.testing.assert_close(needed, (Y - X0) / (T0 if x0 == "ypt" else 1.0), rtol=1e-4, atol=1e-4)
+
+
+def test_from_meta_reads_what_train_writes():
+    meta = {"bridge": "ddbm", "T0": "0.3", "t_min": "0.001", "ddbm_sigma": "3", "x0": "ebridge"}
+    br = Bridge.from_meta(meta)
+    assert (br.kind, br.T0, br.t_min, br.sigma, br.x0) == ("ddbm", 0.3, 0.001, 3.0, "ebridge")
+    assert Bridge.from_meta(meta, T0=0.5).T0 == 0.5
+    old = Bridge.from_meta({"T0": "0.4"})  # a file from before the ebridge estimate
+    assert (old.kind, old.x0) == ("ebr", "ypt")
+
+
+@pytest.mark.parametrize("kind, x0", PAIRS)
+@pytest.mark.parametrize("steps", [1, 2, 20])
+def test_sampler_returns_x0_with_ideal_model(kind, steps, x0):
+    X0, Y, eps = latents()
+    br = Bridge(kind, T0=0.4, x0=x0)
     seen = []
 
-    def ideal(x, tau):  # the ideal x0 predictor: v = (X - X0) / tau given the true X0
+    def ideal(x, tau):  # the ideal velocity given the true X0, at the grid time the sampler is at
         seen.append(tau.clone())
         assert tau.shape == (SHAPE[0],) and x.shape == SHAPE
-        return (x - X0) / tau.view(-1, 1, 1, 1)
+        return br.velocity_target(x, br.grid(steps)[len(seen) - 1], X0, Y)
 
     out = br.sample(ideal, Y, steps=steps, eps=eps)
     assert len(seen) == steps  # NFE = steps
@@ -237,7 +271,7 @@ def test_shapes_and_dtypes_preserved(dtype):
             t = br.sample_t(shape[0])
             x_t = br.make_state(X0, Y, t, eps)
             assert x_t.shape == shape and x_t.dtype == dtype
-            assert br.velocity_target(x_t, t, X0).dtype == dtype
+            assert br.velocity_target(x_t, t, X0, Y).dtype == dtype
             out = br.sample(lambda x, tau: torch.zeros_like(x, dtype=dtype), Y, steps=3,
                             generator=torch.Generator().manual_seed(0))
             assert out.shape == shape and out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -254,7 +288,8 @@ def test_sampler_noise_from_generator_is_reproducible():
 
 
 @pytest.mark.parametrize("kwargs", [dict(kind="sde"), dict(T0=0.0), dict(T0=1.5), dict(t_min=0.5),
-                                    dict(pow=0.0), dict(kind="ddbm", sigma=-1.0)])
+                                    dict(pow=0.0), dict(kind="ddbm", sigma=-1.0), dict(x0="eps"),
+                                    dict(kind="naive", x0="ebridge")])
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(UserError):
         Bridge(**kwargs)
@@ -264,23 +299,23 @@ def test_bad_settings_are_user_errors(kwargs):
 
 # -- adaptive T0: training over a range of horizons (issue 19) ----------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_range_bridge_at_drawn_T0_equals_fixed_bridge(kind):
+@pytest.mark.parametrize("kind, x0", PAIRS)
+def test_range_bridge_at_drawn_T0_equals_fixed_bridge(kind, x0):
     """Per-sample horizons: the states, velocity targets and x0 estimates of the range bridge at the T0 it
     drew are those of the fixed-T0 bridge at that T0, sample by sample."""
     X0, Y, eps = latents(4)
-    br = Bridge(kind, T0=0.45, sigma=0.8, T0_range=(0.1, 0.8))
+    br = Bridge(kind, T0=0.45, sigma=0.8, T0_range=(0.1, 0.8), x0=x0)
     T0, t = br.sample_T0_t(SHAPE[0], torch.Generator().manual_seed(6))
     assert ((T0 >= 0.1) & (T0 <= 0.8)).all() and ((t >= br.t_min) & (t <= T0)).all()
     ranged = br.at(T0)
     x_t, v = ranged.make_state(X0, Y, t, eps), torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
-    F_star, x0 = ranged.velocity_target(x_t, t, X0), ranged.x0_from_velocity(x_t, t, v)
+    F_star, x0_hat = ranged.velocity_target(x_t, t, X0, Y), ranged.x0_from_velocity(x_t, t, v, Y)
     for i in range(SHAPE[0]):
-        fixed = Bridge(kind, T0=T0[i].item(), sigma=0.8)
+        fixed = Bridge(kind, T0=T0[i].item(), sigma=0.8, x0=x0)
         ti = t[i:i + 1]
         torch.testing.assert_close(x_t[i:i + 1], fixed.make_state(X0[i:i + 1], Y[i:i + 1], ti, eps[i:i + 1]))
-        torch.testing.assert_close(F_star[i:i + 1], fixed.velocity_target(x_t[i:i + 1], ti, X0[i:i + 1]))
-        torch.testing.assert_close(x0[i:i + 1], fixed.x0_from_velocity(x_t[i:i + 1], ti, v[i:i + 1]))
+        torch.testing.assert_close(F_star[i:i + 1], fixed.velocity_target(x_t[i:i + 1], ti, X0[i:i + 1], Y[i:i + 1]))
+        torch.testing.assert_close(x0_hat[i:i + 1], fixed.x0_from_velocity(x_t[i:i + 1], ti, v[i:i + 1], Y[i:i + 1]))
         assert float(ranged.model_time(t)[i]) == pytest.approx(float(fixed.model_time(ti)), rel=1e-6)
 
 
@@ -299,3 +334,22 @@ def test_range_draws_cover_the_range_and_fixed_T0_draws_are_unchanged():
 def test_bad_T0_range_is_a_user_error(lo_hi):
     with pytest.raises(UserError, match="T0 range"):
         Bridge(T0=0.4, T0_range=lo_hi)
+
+
+def test_sample_py_takes_the_estimate_from_the_prompt_file_and_refuses_a_mix():
+    """restore.bridge_for (sample.py's): a prompt trained with --x0 ebridge is sampled with that estimate (it
+    was trained to it), one from before the flag with ypt's; averaging the velocities of prompts trained to
+    different estimates would average two different quantities, so a mix is refused by name."""
+    from minirestore.prompts import PromptBank
+    from minirestore.restore import bridge_for
+
+    def bank(**meta):
+        b = PromptBank(2, 4, 1)
+        b.meta = {"bridge": "ebr", "T0": "0.2", **meta}
+        return b
+
+    assert bridge_for([bank(x0="ebridge")])[0].x0 == "ebridge"
+    assert bridge_for([bank()])[0].x0 == "ypt"
+    assert bridge_for([bank(x0="ebridge")], t0=0.5)[0].T0 == 0.5
+    with pytest.raises(UserError, match="ebridge"):
+        bridge_for([bank(), bank(x0="ebridge")])
