@@ -92,10 +92,10 @@ def restore_held_out(tiny, photos, degradation, n=8, steps=10):
 @pytest.mark.parametrize("degradation", ["noise", "lowlight", "haze", "rain", "snow"])
 def test_shipped_prompts_restore_better_than_no_prompt(tiny, test_photos, degradation):
     """The paper's first claim on the tiny default, on held-out test photographs: the prompt unlocks restoration
-    the frozen model does not do by itself (measured on these 8 crops, 2026-12-03, the prompts of the one-step
-    sweep: +1.54 noise, +3.38 rain, +3.23 snow dB; 2026-12-07, the 1800-step prompts: +5.09 lowlight, +4.49 haze
-    dB). Left out, with their reasons: blur (+0.06 dB; this generator cannot put the detail back, see the README)
-    and jpeg (+0.18 dB), too close to the threshold to be a claim."""
+    the frozen model does not do by itself (measured on these 8 crops, 2026-12-03, the noise prompt: +1.54 dB;
+    2026-12-07, the longer-trained prompts: +5.09 lowlight, +4.82 haze, +4.06 rain, +3.98 snow dB). Left out,
+    with their reasons: blur (+0.06 dB; this generator cannot put the detail back, see the README) and jpeg
+    (+0.18 dB), too close to the threshold to be a claim."""
     clean, _, plain, prompted = restore_held_out(tiny, test_photos, degradation)
     gain = psnr(prompted, clean) - psnr(plain, clean)
     assert gain.mean() > 0.1, gain
