@@ -80,7 +80,7 @@ def restore_held_out(tiny, photos, degradation, n=8, steps=10):
     bank = shipped_prompt(degradation)
     clean = held_out(photos, n)
     degraded = degrade(clean, degradation, torch.Generator().manual_seed(5))
-    bridge, Y = Bridge("ebr", float(bank.meta["T0"])), tiny.encode(degraded)
+    bridge, Y = Bridge.from_meta(bank.meta), tiny.encode(degraded)
     out = []
     for prompt in (None, bank):
         x0 = bridge.sample(lambda x, tau: tiny.velocity(x, tau, prompt), Y, steps,
