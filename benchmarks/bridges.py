@@ -10,7 +10,8 @@ depend on t / T0 only, so its T0 does not matter at all; EBR and naive start fro
 different states), and so is its best sampler (one step is all DDBM cannot do: its single query sits at t_min).
 
 Protocol. Candidates: the given prompt files (each read for its degradation, bridge and fixed T0; prompts
-trained over a T0 range are left out), each with every --samplers entry (S steps x mean of K samples, 20
+trained over a T0 range, and prompts trained with E-Bridge's clean estimate (`train.py --x0 ebridge`), are left
+out: the comparison holds the estimate fixed at YPT's, as the paper does, and as photos.py's bridges table does), each with every --samplers entry (S steps x mean of K samples, 20
 evaluations each by default). For every (degradation, level, bridge) the candidate with the best mean PSNR on
 --val-images crops of the val photographs (64 px, photos.py's val crops) is that bridge's pick. The picks are
 scored on the test crops (photos.py's, same degradation draw and sampler noise), and the table gives
@@ -84,6 +85,9 @@ def candidates(args, backbone):
         if "T0_range" in bank.meta or bank.meta.get("degradation") not in args.degradations:
             continue
         bridge = prompt_bridge(bank)
+        if bridge.x0 != "ypt":
+            print(f"{path}: left out, trained with the {bridge.x0} estimate (the comparison holds YPT's fixed)")
+            continue
         found.setdefault((bank.meta["degradation"], bridge.kind), []).append((Path(path).name, bank, bridge))
     for d in args.degradations:
         missing = [k for k in KINDS if (d, k) not in found]

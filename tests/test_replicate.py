@@ -328,7 +328,7 @@ def test_photos_bridge_pairs_every_ebr_prompt_with_every_baseline():
 
 def test_bridges_benchmark_picks_each_bridge_on_val(fake_photos, tmp_path):
     """bridges.py: every bridge's pick is its best (prompt, sampler) on the val crops, and the test table pairs the
-    picks; a degradation without a prompt of some bridge is refused by name."""
+    picks; a degradation without a prompt of some bridge is refused by name, and an --x0 ebridge prompt is not one."""
     bridges = load("bridges")
     prompts = [str(ROOT / "weights/tiny/prompts/blur.safetensors")] + [
         str(ROOT / f"benchmarks/photos/prompts/blur-{k}-t0.1.safetensors") for k in ("naive", "ddbm")]
@@ -345,6 +345,10 @@ def test_bridges_benchmark_picks_each_bridge_on_val(fake_photos, tmp_path):
     assert set(row["ebr_minus"]) == {"naive", "ddbm"} and (tmp_path / "grid-blur-gaussiansigma2.png").exists()
     with pytest.raises(bridges.UserError, match="ddbm"):
         bridges.main(argv[:-1])
+    # an EBR prompt trained with E-Bridge's estimate does not stand in for EBR: the comparison holds YPT's fixed
+    ebridge = str(ROOT / "benchmarks/photos/prompts/blur-ebridge-t0.05-pow0.3.safetensors")
+    with pytest.raises(bridges.UserError, match="ebr bridge"):
+        bridges.main([a if a != prompts[0] else ebridge for a in argv])
 
 
 def test_spin_benchmark_scores_each_period_against_no_spin(fake_photos, tmp_path):
