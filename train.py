@@ -24,6 +24,7 @@ seeded by (seed, step)); Ctrl-C saves a checkpoint and exits.
 """
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="optimiser steps (default: 600 for tiny, 3000 for FLUX and Wan)")
     p.add_argument("--batch-size", type=int, help="images per process and step (default: 8 for tiny, else 1)")
     p.add_argument("--lr", type=float, help="AdamW learning rate for P and alpha (default: 1e-2 for tiny, 2e-3 otherwise)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant", help="learning rate over the "
+                   "run: constant, or cosine decay lr * (1 + cos(pi step / steps)) / 2 to 0 at the last step (a resumed run "
+                   "with a larger --steps stretches the curve)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="prompt file to write (default: weights/<model>-<degradation>.safetensors)")
     p.add_argument("--run-dir", help="folder for checkpoint, log and previews (default: runs/<model>-<degradation>)")
@@ -132,6 +136,13 @@ def parse_t0(text):
     if len(parts) > 2:
         raise argparse.ArgumentTypeError(f"{text!r}: a range has two ends, LOW:HIGH")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def lr_at(step, steps, lr, schedule="constant"):
+    """The learning rate of optimiser step `step` (0-based) of `steps`: lr, or with "cosine"
+    lr * (1 + cos(pi * step / steps)) / 2, from lr down towards 0. A function of the step alone, so a run
+    resumed with the same --steps follows the same curve."""
+    return lr if schedule == "constant" else lr * (1 + math.cos(math.pi * step / steps)) / 2
 
 
 def item_seed(seed, step, j):
@@ -380,7 +391,7 @@ def main(argv=None):
     meta = dict(backbone=backbone.name, degradation=degradation, bridge=args.bridge, x0=args.x0, T0=bridge.T0,
                 t_min=args.t_min, pow=args.pow, ddbm_sigma=args.ddbm_sigma,
                 resolution=resolution if isinstance(resolution, int) else "x".join(map(str, resolution)), lr=lr,
-                batch_size=args.batch_size, seed=args.seed)
+                lr_schedule=args.lr_schedule, batch_size=args.batch_size, seed=args.seed)
 
     def checkpoint(step):
         if not world.main:
@@ -426,11 +437,13 @@ def main(argv=None):
             loss = b.loss(b.x0_from_velocity(x_t, t, v, Y), X0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, args.lr_schedule)
             average_gradients(bank.parameters(), world)  # mean over processes = the global batch's gradient
             opt.step()
             done = step + 1
             bar.set_postfix(loss=f"{loss.item():.4f}")  # this process's share of the batch
-            log({"step": step + 1, "loss": loss.item(), "time": time.time() - t_start})
+            log({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": time.time() - t_start})
             if args.val_every and (step + 1) % args.val_every == 0 and step + 1 < steps:
                 checkpoint(step + 1)
                 m = run_validation(step + 1)

@@ -58,6 +58,23 @@ def test_training_lowers_the_loss_on_held_out_images(backbone_dir, images_dir, t
     assert (tmp_path / "run" / "preview-000040.png").exists()
 
 
+def test_cosine_schedule_decays_the_rate_and_is_recorded(backbone_dir, images_dir, tmp_path):
+    """--lr-schedule cosine: step k of n runs at lr (1 + cos(pi k / n)) / 2 (read back from the log), the prompt
+    file records the schedule, and the trained prompt differs from the constant-rate one."""
+    common = ["--model", backbone_dir, "--data", images_dir, "--resolution", "16", "--batch-size", "1", "--lr", "0.05",
+              "--steps", "4", "--val-every", "0", "--val-count", "1", "--val-steps", "2"]
+    for schedule in ("constant", "cosine"):
+        r = run("train.py", *common, "--lr-schedule", schedule, "--out", tmp_path / f"{schedule}.safetensors",
+                "--run-dir", tmp_path / schedule, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in (tmp_path / "cosine" / "log.jsonl").read_text().splitlines()]
+    rates = [rec["lr"] for rec in log if "lr" in rec]
+    assert rates == pytest.approx([0.05, 0.05 * 0.8535534, 0.025, 0.05 * 0.1464466])
+    const, cos = (load_prompt(tmp_path / f"{s}.safetensors") for s in ("constant", "cosine"))
+    assert const.meta["lr_schedule"] == "constant" and cos.meta["lr_schedule"] == "cosine"
+    assert not torch.allclose(const.prompt, cos.prompt)
+
+
 def test_resume_matches_an_uninterrupted_run(backbone_dir, images_dir, tmp_path):
     common = ["--model", backbone_dir, "--data", images_dir, "--resolution", "16", "--batch-size", "1",
               "--lr", "0.01", "--val-count", "1", "--val-steps", "2"]
