@@ -82,9 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="optimiser steps (default: 600 for tiny, 3000 for FLUX and Wan)")
     p.add_argument("--batch-size", type=int, help="images per process and step (default: 8 for tiny, else 1)")
     p.add_argument("--lr", type=float, help="AdamW learning rate for P and alpha (default: 1e-2 for tiny, 2e-3 otherwise)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant", help="learning rate over the "
-                   "run: constant, or cosine decay lr * (1 + cos(pi step / steps)) / 2 to 0 at the last step (a resumed run "
-                   "with a larger --steps stretches the curve)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant", help="learning rate over "
+                   "the run: constant, or cosine decay lr * (1 + cos(pi step / steps)) / 2 to 0 at the last step (a "
+                   "resumed run with a larger --steps stretches the curve)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="prompt file to write (default: weights/<model>-<degradation>.safetensors)")
     p.add_argument("--run-dir", help="folder for checkpoint, log and previews (default: runs/<model>-<degradation>)")

@@ -11,12 +11,13 @@ different states), and so is its best sampler (one step is all DDBM cannot do: i
 
 Protocol. Candidates: the given prompt files (each read for its degradation, bridge and fixed T0; prompts
 trained over a T0 range, and prompts trained with E-Bridge's clean estimate (`train.py --x0 ebridge`), are left
-out: the comparison holds the estimate fixed at YPT's, as the paper does, and as photos.py's bridges table does), each with every --samplers entry (S steps x mean of K samples, 20
-evaluations each by default). For every (degradation, level, bridge) the candidate with the best mean PSNR on
---val-images crops of the val photographs (64 px, photos.py's val crops) is that bridge's pick. The picks are
-scored on the test crops (photos.py's, same degradation draw and sampler noise), and the table gives
-EBR - naive and EBR - DDBM, paired, with 95% intervals. Only files trained the same way apart from bridge and
-T0 (train.py's defaults) make a fair field: pass --pow and the like variants to none of them or to all.
+out: the comparison holds the estimate fixed at YPT's, as the paper does, and as photos.py's bridges table
+does), each with every --samplers entry (S steps x mean of K samples, 20 evaluations each by default). For
+every (degradation, level, bridge) the candidate with the best mean PSNR on --val-images crops of the val
+photographs (64 px, photos.py's val crops) is that bridge's pick. The picks are scored on the test crops
+(photos.py's, same degradation draw and sampler noise), and the table gives EBR - naive and EBR - DDBM,
+paired, with 95% intervals. Only files trained the same way apart from bridge and T0 (train.py's defaults)
+make a fair field: pass --pow, --lr and the like variants to none of them or to all.
 Outputs in --out: results.md, results.json, grid-<degradation>-<level>.png (degraded | naive | DDBM | EBR | clean).
 """
 import argparse
